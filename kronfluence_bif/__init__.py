@@ -1,0 +1,27 @@
+"""kronfluence-bif: local Bayesian influence functions as a drop-in kronfluence strategy."""
+
+from kronfluence import FactorArguments, ScoreArguments, Task, prepare_model
+
+from kronfluence_bif.analyzer import STRATEGIES, Analyzer
+from kronfluence_bif.arguments import BIFArguments
+from kronfluence_bif.errors import SamplerDivergenceError, TaskContractError
+from kronfluence_bif.task import BIFTask
+from kronfluence_bif.tasks import ClassificationTask, RegressionTask
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Analyzer",
+    "BIFArguments",
+    "BIFTask",
+    "ClassificationTask",
+    "FactorArguments",
+    "RegressionTask",
+    "STRATEGIES",
+    "SamplerDivergenceError",
+    "ScoreArguments",
+    "Task",
+    "TaskContractError",
+    "__version__",
+    "prepare_model",
+]

@@ -1,0 +1,268 @@
+"""`Analyzer`: kronfluence's Analyzer with one more strategy, "bif"."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, Optional, Sequence
+
+from kronfluence.analyzer import Analyzer as KronfluenceAnalyzer
+from kronfluence.arguments import FactorArguments, ScoreArguments
+from kronfluence.task import Task
+from kronfluence.utils.dataset import DataLoaderKwargs
+from kronfluence.utils.exceptions import FactorsNotFoundError
+from torch import nn
+from torch.utils import data
+
+from kronfluence_bif import storage
+from kronfluence_bif.arguments import BIFArguments
+from kronfluence_bif.logs import logger
+from kronfluence_bif.scoring import BIFScorer, ScoreRequest
+
+KRONFLUENCE_STRATEGIES = ("identity", "diagonal", "kfac", "ekfac")
+STRATEGIES = KRONFLUENCE_STRATEGIES + ("bif",)
+
+
+def check_strategy(strategy: Optional[str], where: str) -> None:
+    if strategy is not None and strategy not in STRATEGIES:
+        raise ValueError(f"Unknown strategy {strategy!r} in {where}. Valid strategies: {list(STRATEGIES)}.")
+
+
+class Analyzer(KronfluenceAnalyzer):
+    """kronfluence's `Analyzer`, plus `strategy="bif"`: local Bayesian influence scores from one SGLD phase.
+
+    `strategy` and `bif_args` set the defaults of later fits; each fit records its strategy (and, for BIF,
+    its sampler settings) in `factors_<name>/`, and `compute_*_scores` uses what the named factors recorded.
+    Every kronfluence strategy behaves exactly as in kronfluence.
+    """
+
+    def __init__(
+        self,
+        analysis_name: str,
+        model: nn.Module,
+        task: Task,
+        cpu: bool = False,
+        log_level: Optional[int] = None,
+        log_main_process_only: bool = True,
+        profile: bool = False,
+        disable_tqdm: bool = False,
+        output_dir: str = "./influence_results",
+        disable_model_save: bool = True,
+        strategy: Optional[str] = None,
+        bif_args: Optional[BIFArguments] = None,
+    ) -> None:
+        check_strategy(strategy, "Analyzer(strategy=...)")
+        if bif_args is not None and not isinstance(bif_args, BIFArguments):
+            raise TypeError(f"`bif_args` must be a BIFArguments, got {type(bif_args).__name__}.")
+        super().__init__(
+            analysis_name=analysis_name,
+            model=model,
+            task=task,
+            cpu=cpu,
+            log_level=log_level,
+            log_main_process_only=log_main_process_only,
+            profile=profile,
+            disable_tqdm=disable_tqdm,
+            output_dir=output_dir,
+            disable_model_save=disable_model_save,
+        )
+        if log_level is not None:
+            logger.setLevel(log_level)
+        self.strategy = strategy
+        self.bif_args = bif_args if bif_args is not None else BIFArguments()
+
+    # ------------------------------------------------------------------ strategy resolution
+    def _resolve_factor_args(self, factor_args: Optional[FactorArguments]) -> Optional[FactorArguments]:
+        if factor_args is None and self.strategy is not None:
+            factor_args = FactorArguments(strategy=self.strategy)
+        if factor_args is not None:
+            check_strategy(factor_args.strategy, "FactorArguments.strategy")
+        return factor_args
+
+    def load_bif_args(self, name: str, scores: bool = False) -> Optional[BIFArguments]:
+        """BIF settings recorded in `factors_<name>/` (or `scores_<name>/` when `scores=True`)."""
+        folder = storage.scores_dir(self.output_dir, name) if scores else storage.factors_dir(self.output_dir, name)
+        path = folder / storage.BIF_ARGUMENTS_FILE
+        return BIFArguments.from_dict(storage.load_json(path)) if path.exists() else None
+
+    def _fit_bif(self, factors_name: str, factor_args: FactorArguments, bif_args: Optional[BIFArguments], ow: bool):
+        """BIF has nothing to fit: record the strategy and the sampler settings the scores will use."""
+        bif_args = bif_args if bif_args is not None else self.bif_args
+        folder = storage.factors_dir(self.output_dir, factors_name)
+        folder.mkdir(parents=True, exist_ok=True)
+        storage.save_or_check_json(folder / "factor_arguments.json", factor_args.to_dict(), "arguments", ow)
+        storage.save_or_check_json(folder / storage.BIF_ARGUMENTS_FILE, bif_args.to_dict(), "BIF arguments", ow)
+        logger.info("Strategy `bif` fits no factors; recorded its arguments at `%s`.", folder)
+
+    # ------------------------------------------------------------------ fit methods
+    def fit_all_factors(
+        self,
+        factors_name: str,
+        dataset: data.Dataset,
+        per_device_batch_size: Optional[int] = None,
+        initial_per_device_batch_size_attempt: int = 4096,
+        dataloader_kwargs: Optional[DataLoaderKwargs] = None,
+        factor_args: Optional[FactorArguments] = None,
+        overwrite_output_dir: bool = False,
+        bif_args: Optional[BIFArguments] = None,
+    ) -> None:
+        factor_args = self._resolve_factor_args(factor_args)
+        if factor_args is not None and factor_args.strategy == "bif":
+            return self._fit_bif(factors_name, factor_args, bif_args, overwrite_output_dir)
+        return super().fit_all_factors(
+            factors_name=factors_name,
+            dataset=dataset,
+            per_device_batch_size=per_device_batch_size,
+            initial_per_device_batch_size_attempt=initial_per_device_batch_size_attempt,
+            dataloader_kwargs=dataloader_kwargs,
+            factor_args=factor_args,
+            overwrite_output_dir=overwrite_output_dir,
+        )
+
+    def fit_covariance_matrices(self, factors_name: str, dataset: data.Dataset, *args: Any, **kwargs: Any) -> None:
+        bif_args = kwargs.pop("bif_args", None)
+        factor_args = self._resolve_factor_args(kwargs.pop("factor_args", None))
+        if factor_args is not None and factor_args.strategy == "bif":
+            return self._fit_bif(factors_name, factor_args, bif_args, kwargs.get("overwrite_output_dir", False))
+        return super().fit_covariance_matrices(factors_name, dataset, *args, factor_args=factor_args, **kwargs)
+
+    def perform_eigendecomposition(self, factors_name: str, *args: Any, **kwargs: Any) -> None:
+        bif_args = kwargs.pop("bif_args", None)
+        factor_args = self._resolve_factor_args(kwargs.pop("factor_args", None))
+        if factor_args is not None and factor_args.strategy == "bif":
+            return self._fit_bif(factors_name, factor_args, bif_args, kwargs.get("overwrite_output_dir", False))
+        return super().perform_eigendecomposition(factors_name, *args, factor_args=factor_args, **kwargs)
+
+    def fit_lambda_matrices(self, factors_name: str, dataset: data.Dataset, *args: Any, **kwargs: Any) -> None:
+        bif_args = kwargs.pop("bif_args", None)
+        factor_args = self._resolve_factor_args(kwargs.pop("factor_args", None))
+        if factor_args is not None and factor_args.strategy == "bif":
+            return self._fit_bif(factors_name, factor_args, bif_args, kwargs.get("overwrite_output_dir", False))
+        return super().fit_lambda_matrices(factors_name, dataset, *args, factor_args=factor_args, **kwargs)
+
+    def load_all_factors(self, factors_name: str) -> Dict[str, Any]:
+        factor_args = self.load_factor_args(factors_name)
+        if factor_args is not None and factor_args.strategy == "bif":
+            return {}
+        return super().load_all_factors(factors_name)
+
+    # ------------------------------------------------------------------ score methods
+    def _bif_factors(self, factors_name: str):
+        """(FactorArguments, BIFArguments) when `factors_name` was fitted with strategy "bif", else None."""
+        factor_args = self.load_factor_args(factors_name)
+        if factor_args is None or factor_args.strategy != "bif":
+            return None
+        bif_args = self.load_bif_args(factors_name)
+        if bif_args is None:
+            raise FactorsNotFoundError(
+                f"Factors `{factors_name}` use strategy 'bif' but `{storage.BIF_ARGUMENTS_FILE}` is missing from "
+                f"`{storage.factors_dir(self.output_dir, factors_name)}`. Run `fit_all_factors` again."
+            )
+        return factor_args, bif_args
+
+    def _scorer(self) -> BIFScorer:
+        return BIFScorer(self.model, self.task, self.output_dir, self.disable_tqdm)
+
+    def compute_pairwise_scores(
+        self,
+        scores_name: str,
+        factors_name: str,
+        query_dataset: data.Dataset,
+        train_dataset: data.Dataset,
+        per_device_query_batch_size: int,
+        per_device_train_batch_size: Optional[int] = None,
+        initial_per_device_train_batch_size_attempt: int = 4096,
+        query_indices: Optional[Sequence[int]] = None,
+        train_indices: Optional[Sequence[int]] = None,
+        dataloader_kwargs: Optional[DataLoaderKwargs] = None,
+        score_args: Optional[ScoreArguments] = None,
+        target_data_partitions: Optional[Sequence[int]] = None,
+        target_module_partitions: Optional[Sequence[int]] = None,
+        overwrite_output_dir: bool = False,
+    ):
+        bif = self._bif_factors(factors_name)
+        if bif is None:
+            return super().compute_pairwise_scores(
+                scores_name=scores_name,
+                factors_name=factors_name,
+                query_dataset=query_dataset,
+                train_dataset=train_dataset,
+                per_device_query_batch_size=per_device_query_batch_size,
+                per_device_train_batch_size=per_device_train_batch_size,
+                initial_per_device_train_batch_size_attempt=initial_per_device_train_batch_size_attempt,
+                query_indices=query_indices,
+                train_indices=train_indices,
+                dataloader_kwargs=dataloader_kwargs,
+                score_args=score_args,
+                target_data_partitions=target_data_partitions,
+                target_module_partitions=target_module_partitions,
+                overwrite_output_dir=overwrite_output_dir,
+            )
+        request = ScoreRequest(
+            kind="pairwise",
+            scores_name=scores_name,
+            factors_name=factors_name,
+            train_dataset=train_dataset,
+            query_dataset=query_dataset,
+            per_device_query_batch_size=per_device_query_batch_size,
+            per_device_train_batch_size=per_device_train_batch_size,
+            initial_per_device_train_batch_size_attempt=initial_per_device_train_batch_size_attempt,
+            query_indices=query_indices,
+            train_indices=train_indices,
+            dataloader_params=self._configure_dataloader(dataloader_kwargs),
+            score_args=score_args if score_args is not None else ScoreArguments(),
+            target_data_partitions=target_data_partitions,
+            target_module_partitions=target_module_partitions,
+            overwrite_output_dir=overwrite_output_dir,
+        )
+        return self._scorer().run(request, *bif)
+
+    def compute_self_scores(
+        self,
+        scores_name: str,
+        factors_name: str,
+        train_dataset: data.Dataset,
+        per_device_train_batch_size: Optional[int] = None,
+        initial_per_device_train_batch_size_attempt: int = 4096,
+        train_indices: Optional[Sequence[int]] = None,
+        dataloader_kwargs: Optional[DataLoaderKwargs] = None,
+        score_args: Optional[ScoreArguments] = None,
+        target_data_partitions: Optional[Sequence[int]] = None,
+        target_module_partitions: Optional[Sequence[int]] = None,
+        overwrite_output_dir: bool = False,
+    ):
+        bif = self._bif_factors(factors_name)
+        if bif is None:
+            return super().compute_self_scores(
+                scores_name=scores_name,
+                factors_name=factors_name,
+                train_dataset=train_dataset,
+                per_device_train_batch_size=per_device_train_batch_size,
+                initial_per_device_train_batch_size_attempt=initial_per_device_train_batch_size_attempt,
+                train_indices=train_indices,
+                dataloader_kwargs=dataloader_kwargs,
+                score_args=score_args,
+                target_data_partitions=target_data_partitions,
+                target_module_partitions=target_module_partitions,
+                overwrite_output_dir=overwrite_output_dir,
+            )
+        request = ScoreRequest(
+            kind="self",
+            scores_name=scores_name,
+            factors_name=factors_name,
+            train_dataset=train_dataset,
+            query_dataset=None,
+            per_device_query_batch_size=None,
+            per_device_train_batch_size=per_device_train_batch_size,
+            initial_per_device_train_batch_size_attempt=initial_per_device_train_batch_size_attempt,
+            query_indices=None,
+            train_indices=train_indices,
+            dataloader_params=self._configure_dataloader(dataloader_kwargs),
+            score_args=score_args if score_args is not None else ScoreArguments(),
+            target_data_partitions=target_data_partitions,
+            target_module_partitions=target_module_partitions,
+            overwrite_output_dir=overwrite_output_dir,
+        )
+        return self._scorer().run(request, *bif)
+
+
+__all__ = ["Analyzer", "STRATEGIES", "logging"]

@@ -1,0 +1,1 @@
+"""Small real models and data shipped with the package, for the demo, tests and benchmarks (no downloads)."""

@@ -1,0 +1,153 @@
+"""Per-example views of a kronfluence Task: explicit method, else `torch.func.vmap`, else a loop."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, List, Optional
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from kronfluence_bif.logs import logger, warn_once
+from kronfluence_bif.task import BIFTask
+
+ScalarFn = Callable[[Any, nn.Module], torch.Tensor]
+
+
+class TaskContractError(ValueError):
+    """A Task's method returned something BIF cannot use (wrong shape, or sums that disagree)."""
+
+
+def batch_size(batch: Any) -> int:
+    """Leading dimension of the first tensor in a (nested) batch."""
+    leaves, _ = tree_flatten(batch)
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
+            return int(leaf.shape[0])
+    raise TaskContractError("Could not find a tensor with a batch dimension in the batch; batches must hold tensors.")
+
+
+def slice_batch(batch: Any, index: torch.Tensor | slice) -> Any:
+    """Select examples from every tensor leaf whose leading dimension is the batch size."""
+    size = batch_size(batch)
+    leaves, spec = tree_flatten(batch)
+    out = [leaf[index] if _is_batched(leaf, size) else leaf for leaf in leaves]
+    return tree_unflatten(out, spec)
+
+
+def _is_batched(leaf: Any, size: int) -> bool:
+    return isinstance(leaf, torch.Tensor) and leaf.dim() > 0 and leaf.shape[0] == size
+
+
+def _overrides(task: Any, name: str) -> bool:
+    """True when the task defines `name` itself (not the NotImplementedError stub of BIFTask)."""
+    method = getattr(type(task), name, None)
+    return method is not None and method is not getattr(BIFTask, name, None)
+
+
+class PerExampleView:
+    """One value per example for one scalar Task method (train loss or measurement)."""
+
+    def __init__(self, task: Any, scalar_name: str, per_example_name: str, scalar_fn: ScalarFn) -> None:
+        self.task = task
+        self.scalar_name = scalar_name
+        self.per_example_name = per_example_name
+        self.scalar_fn = scalar_fn
+        self.mode: Optional[str] = "method" if _overrides(task, per_example_name) else None
+        self.checked = False
+
+    # ------------------------------------------------------------------ evaluation
+    def __call__(self, batch: Any, model: nn.Module) -> torch.Tensor:
+        if self.mode == "method":
+            return getattr(self.task, self.per_example_name)(batch, model)
+        if self.mode in (None, "vmap"):
+            try:
+                values = self._vmap(batch, model)
+                if self.mode is None:
+                    self.mode = "vmap"
+                    logger.info("Per-example %s: vectorized with torch.func.vmap.", self.scalar_name)
+                return values
+            except Exception as exc:  # noqa: BLE001 - any vmap failure means: use the loop
+                self.mode = "loop"
+                warn_once(
+                    f"loop-{self.scalar_name}-{type(self.task).__name__}",
+                    f"`{type(self.task).__name__}.{self.scalar_name}` cannot be vectorized with torch.func.vmap "
+                    f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); falling back to one "
+                    f"call per example, which is slow. Define `{self.per_example_name}(batch, model)` returning one "
+                    "value per example (see kronfluence_bif.BIFTask) to make BIF fast.",
+                )
+        return self._loop(batch, model)
+
+    def _vmap(self, batch: Any, model: nn.Module) -> torch.Tensor:
+        size = batch_size(batch)
+        leaves, spec = tree_flatten(batch)
+        dims = tuple(0 if _is_batched(leaf, size) else None for leaf in leaves)
+
+        def single(*items: Any) -> torch.Tensor:
+            example = [item.unsqueeze(0) if dim == 0 else item for item, dim in zip(items, dims)]
+            return self.scalar_fn(tree_unflatten(example, spec), model).reshape(())
+
+        return torch.func.vmap(single, in_dims=dims, randomness="error")(*leaves)
+
+    def _loop(self, batch: Any, model: nn.Module) -> torch.Tensor:
+        size = batch_size(batch)
+        values: List[torch.Tensor] = [
+            self.scalar_fn(slice_batch(batch, slice(i, i + 1)), model).reshape(()) for i in range(size)
+        ]
+        return torch.stack(values)
+
+    # ------------------------------------------------------------------ contract check
+    def check(self, batch: Any, model: nn.Module) -> None:
+        """Raise `TaskContractError` unless the per-example values have shape [B] and sum to the scalar method."""
+        size = batch_size(batch)
+        values = self(batch, model)
+        source = (
+            f"`{type(self.task).__name__}.{self.per_example_name}`"
+            if self.mode == "method"
+            else f"per-example values derived from `{type(self.task).__name__}.{self.scalar_name}`"
+        )
+        if not isinstance(values, torch.Tensor) or tuple(values.shape) != (size,):
+            shape = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
+            raise TaskContractError(
+                f"{source} must return a tensor of shape [batch_size] = [{size}], got {shape}. "
+                "Return one value per example (reduce over tokens/outputs, not over the batch)."
+            )
+        scalar = self.scalar_fn(batch, model)
+        if not isinstance(scalar, torch.Tensor) or scalar.numel() != 1:
+            raise TaskContractError(
+                f"`{type(self.task).__name__}.{self.scalar_name}` must return a scalar tensor (the sum over the batch)."
+            )
+        total = values.double().sum()
+        scalar64 = scalar.double().reshape(())
+        tol = 1e-4 * (values.double().abs().sum() + scalar64.abs()) + 1e-6
+        if not torch.isfinite(total) or not torch.isfinite(scalar64) or (total - scalar64).abs() > tol:
+            hint = ""
+            ratio = float(total / scalar64) if float(scalar64) != 0 else float("nan")
+            if size > 1 and abs(ratio - size) < 1e-3 * size:
+                hint = " The ratio equals the batch size: the scalar method seems to average; kronfluence expects sums."
+            raise TaskContractError(
+                f"{source} sum to {float(total):.6g} on the first batch, but "
+                f"`{type(self.task).__name__}.{self.scalar_name}` returned {float(scalar64):.6g}.{hint} "
+                f"Make `{self.per_example_name}` return per-example values that sum to `{self.scalar_name}`."
+            )
+        self.checked = True
+
+
+class LossViews:
+    """The per-example train losses and measurements BIF evaluates at every draw."""
+
+    def __init__(self, task: Any) -> None:
+        self.task = task
+        self.train = PerExampleView(
+            task,
+            "compute_train_loss",
+            "compute_per_example_train_loss",
+            lambda batch, model: task.compute_train_loss(batch, model, sample=False),
+        )
+        self.measurement = PerExampleView(
+            task, "compute_measurement", "compute_per_example_measurement", task.compute_measurement
+        )
+
+    def summed_train_loss(self, batch: Any, model: nn.Module) -> torch.Tensor:
+        """The scalar loss whose gradient drives SGLD (kronfluence's own contract: summed over the batch)."""
+        return self.task.compute_train_loss(batch, model, sample=False)

@@ -1,0 +1,93 @@
+"""Which weights SGLD moves, their fp32 master copies, and the guarantee that the model gets w* back."""
+
+from __future__ import annotations
+
+from typing import Any, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+CONSTANT_SUFFIX = "_constant"  # kronfluence's TrackedModule adds a zero scalar that must never be sampled
+
+
+def select_parameters(model: nn.Module, module_names: Optional[Sequence[str]]) -> List[Tuple[str, nn.Parameter]]:
+    """Floating-point parameters of `module_names` (the Task's tracked modules), or of the whole model."""
+    if module_names:
+        available = dict(model.named_modules())
+        selected: List[Tuple[str, nn.Parameter]] = []
+        for name in module_names:
+            if name not in available:
+                candidates = [n for n in available if n and n.split(".")[-1] == name.split(".")[-1]][:5]
+                raise ValueError(
+                    f"`get_influence_tracked_modules()` names `{name}`, which is not a module of the model. "
+                    f"Use names from `model.named_modules()`" + (f", e.g. {candidates}." if candidates else ".")
+                )
+            selected += [(f"{name}.{p}" if p else name, t) for p, t in available[name].named_parameters()]
+    else:
+        selected = list(model.named_parameters())
+    seen, params = set(), []
+    for name, param in selected:
+        if name.endswith(CONSTANT_SUFFIX) or not param.is_floating_point() or id(param) in seen:
+            continue
+        seen.add(id(param))
+        params.append((name, param))
+    if not params:
+        raise ValueError(
+            "No floating-point parameters to sample: the model has none"
+            + (f" in the tracked modules {list(module_names)}." if module_names else ".")
+        )
+    return params
+
+
+class SampledWeights:
+    """Context manager: fp32 masters of the sampled weights; on exit the model is bitwise w* again.
+
+    fp32 parameters are updated in place (their master is the parameter itself); bf16/fp16 ones get an fp32
+    master that is copied into the model after every step (eps-sized noise would round to zero in bf16).
+    """
+
+    def __init__(self, model: nn.Module, params: Sequence[Tuple[str, nn.Parameter]]) -> None:
+        self.model = model
+        self.names = [n for n, _ in params]
+        self.params = [p for _, p in params]
+
+    def __enter__(self) -> SampledWeights:
+        self._training = self.model.training
+        self._requires_grad = [p.requires_grad for p in self.params]
+        with torch.no_grad():
+            self.snapshot = [p.detach().clone() for p in self.params]
+            self.anchors = [s if s.dtype == torch.float32 else s.float() for s in self.snapshot]
+            self.masters = [p.data if p.dtype == torch.float32 else p.detach().float() for p in self.params]
+        self._separate = [m.data_ptr() != p.data_ptr() for m, p in zip(self.masters, self.params)]
+        self.model.eval()
+        for p in self.params:
+            p.requires_grad_(True)
+        return self
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Put w* back into the masters and the model (start of a chain)."""
+        torch._foreach_copy_(self.masters, self.anchors)
+        self.sync()
+
+    @torch.no_grad()
+    def sync(self) -> None:
+        """Copy separate fp32 masters into the (low-precision) model parameters."""
+        for master, param, separate in zip(self.masters, self.params, self._separate):
+            if separate:
+                param.copy_(master)
+
+    @torch.no_grad()
+    def distance_from_anchor(self) -> torch.Tensor:
+        diffs = torch._foreach_sub(self.masters, self.anchors)
+        norms = torch._foreach_norm(diffs)
+        return torch.stack(norms).square().sum().sqrt()
+
+    def __exit__(self, *exc: Any) -> None:
+        with torch.no_grad():
+            for param, saved in zip(self.params, self.snapshot):
+                param.copy_(saved)
+        for param, flag in zip(self.params, self._requires_grad):
+            param.requires_grad_(flag)
+        self.model.train(self._training)
+        self.snapshot = self.anchors = self.masters = []

@@ -1,0 +1,125 @@
+"""SGLD and RMSprop-SGLD steps over a list of fp32 parameter tensors, with `_foreach` math.
+
+One step (Welling & Teh 2011; paper, Algorithm 1)::
+
+    w <- w - eps/2 * G * (nbeta/m * sum_batch grad loss_k(w) + gamma * (w - w*)) + sqrt(eps * G) * xi
+
+G = 1 for SGLD. RMSprop-SGLD (Li et al. 2016) uses G = 1 / (rmsprop_eps + sqrt(V)) with V an EMA of the squared
+loss drift (the localization term is excluded from V). With a frozen G the chain targets the same posterior
+exactly; an adapting G biases it (sgld-notes.md), hence `freeze()` after burn-in.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence
+
+import torch
+
+
+class SGLD:
+    """Plain SGLD on `params` (updated in place), localized at `anchors`."""
+
+    def __init__(
+        self,
+        params: Sequence[torch.Tensor],
+        anchors: Sequence[torch.Tensor],
+        step_size: float,
+        nbeta: float,
+        localization: float,
+        generator: torch.Generator,
+    ) -> None:
+        self.params = list(params)
+        self.anchors = list(anchors)
+        self.step_size = float(step_size)
+        self.nbeta = float(nbeta)
+        self.localization = float(localization)
+        self.generator = generator
+        numel = sum(p.numel() for p in self.params)
+        device, dtype = self.params[0].device, self.params[0].dtype
+        self._noise_flat = torch.empty(numel, device=device, dtype=dtype)
+        self._noise = _split_like(self._noise_flat, self.params)
+        self.num_steps = 0
+
+    def _loss_drift(self, grads: Sequence[torch.Tensor], batch_size: int) -> List[torch.Tensor]:
+        """nbeta/m * sum of per-example gradients, in the parameters' dtype."""
+        grads = [g if g.dtype == p.dtype else g.to(p.dtype) for g, p in zip(grads, self.params)]
+        return torch._foreach_mul(grads, self.nbeta / batch_size)
+
+    def _add_localization(self, drift: List[torch.Tensor]) -> None:
+        if self.localization != 0.0:
+            diff = torch._foreach_sub(self.params, self.anchors)
+            torch._foreach_add_(drift, diff, alpha=self.localization)
+
+    def _sample_noise(self) -> List[torch.Tensor]:
+        self._noise_flat.normal_(generator=self.generator)
+        return self._noise
+
+    @torch.no_grad()
+    def step(self, grads: Sequence[torch.Tensor], batch_size: int) -> None:
+        drift = self._loss_drift(grads, batch_size)
+        self._add_localization(drift)
+        torch._foreach_add_(self.params, drift, alpha=-0.5 * self.step_size)
+        torch._foreach_add_(self.params, self._sample_noise(), alpha=math.sqrt(self.step_size))
+        self.num_steps += 1
+
+    def freeze(self) -> None:
+        """Nothing adapts in plain SGLD."""
+
+
+class RMSpropSGLD(SGLD):
+    """Preconditioned SGLD; `freeze()` stops adapting the preconditioner (call it after burn-in)."""
+
+    def __init__(
+        self,
+        params: Sequence[torch.Tensor],
+        anchors: Sequence[torch.Tensor],
+        step_size: float,
+        nbeta: float,
+        localization: float,
+        generator: torch.Generator,
+        alpha: float = 0.99,
+        eps: float = 0.1,
+    ) -> None:
+        super().__init__(params, anchors, step_size, nbeta, localization, generator)
+        self.alpha = float(alpha)
+        self.eps = float(eps)
+        self.square_avg = [torch.zeros_like(p) for p in self.params]
+        self.frozen = False
+        self._precond: Optional[List[torch.Tensor]] = None
+        self._noise_scale: Optional[List[torch.Tensor]] = None
+
+    def _preconditioner(self) -> List[torch.Tensor]:
+        root = torch._foreach_sqrt(self.square_avg)
+        torch._foreach_add_(root, self.eps)
+        return torch._foreach_reciprocal(root)
+
+    @torch.no_grad()
+    def step(self, grads: Sequence[torch.Tensor], batch_size: int) -> None:
+        drift = self._loss_drift(grads, batch_size)
+        if self.frozen:
+            precond, noise_scale = self._precond, self._noise_scale
+        else:
+            torch._foreach_mul_(self.square_avg, self.alpha)
+            torch._foreach_addcmul_(self.square_avg, drift, drift, value=1.0 - self.alpha)
+            precond = self._preconditioner()
+            noise_scale = torch._foreach_sqrt(precond)
+        self._add_localization(drift)
+        torch._foreach_mul_(drift, precond)
+        torch._foreach_add_(self.params, drift, alpha=-0.5 * self.step_size)
+        noise = torch._foreach_mul(self._sample_noise(), noise_scale)
+        torch._foreach_add_(self.params, noise, alpha=math.sqrt(self.step_size))
+        self.num_steps += 1
+
+    def freeze(self) -> None:
+        self.frozen = True
+        self._precond = self._preconditioner()
+        self._noise_scale = torch._foreach_sqrt(self._precond)
+
+
+def _split_like(flat: torch.Tensor, like: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    views, offset = [], 0
+    for t in like:
+        views.append(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+    return views

@@ -1,0 +1,384 @@
+"""BIF pairwise and self scores: validate, record arguments, sample once, write kronfluence's files."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from kronfluence.arguments import FactorArguments, ScoreArguments
+from torch import nn
+from torch.utils import data
+
+from kronfluence_bif import storage
+from kronfluence_bif.arguments import BIFArguments
+from kronfluence_bif.data import DatasetOnDevice, MinibatchStream
+from kronfluence_bif.engine import SamplingEngine, SamplingResult, Side
+from kronfluence_bif.logs import logger, warn_once
+from kronfluence_bif.loss_views import LossViews
+from kronfluence_bif.parameters import SampledWeights, select_parameters
+
+# ScoreArguments fields that have no meaning for BIF (no gradients, no preconditioner): warned once when set.
+IGNORED_SCORE_FIELDS = {
+    "damping_factor": "`localization` (gamma) in BIFArguments plays the role of damping",
+    "offload_activations_to_cpu": "BIF stores no activations",
+    "query_gradient_accumulation_steps": "BIF computes no query gradients",
+    "query_gradient_low_rank": "BIF computes no query gradients",
+    "use_full_svd": "BIF computes no query gradients",
+    "query_gradient_svd_dtype": "BIF computes no query gradients",
+    "per_sample_gradient_dtype": "BIF computes no per-sample gradients",
+    "precondition_dtype": "BIF has no preconditioner",
+}
+
+BIF_TRACES_FILE = "bif_traces.safetensors"
+BIF_DIAGNOSTICS_FILE = "bif_diagnostics.json"
+
+
+@dataclass
+class ScoreRequest:
+    """Everything `compute_pairwise_scores` / `compute_self_scores` received, normalized."""
+
+    kind: str  # "pairwise" | "self"
+    scores_name: str
+    factors_name: str
+    train_dataset: data.Dataset
+    query_dataset: Optional[data.Dataset]
+    per_device_query_batch_size: Optional[int]
+    per_device_train_batch_size: Optional[int]
+    initial_per_device_train_batch_size_attempt: int
+    query_indices: Optional[Sequence[int]]
+    train_indices: Optional[Sequence[int]]
+    dataloader_params: Dict[str, Any]
+    score_args: ScoreArguments
+    target_data_partitions: Optional[Union[int, Sequence[int]]]
+    target_module_partitions: Optional[Union[int, Sequence[int]]]
+    overwrite_output_dir: bool
+
+
+def as_dtype(value: Any) -> Optional[torch.dtype]:
+    """ScoreArguments dtypes come back from JSON as strings such as 'torch.float32'."""
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    name = str(value).replace("torch.", "")
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"Unknown dtype {value!r}.")
+    return dtype
+
+
+# ---------------------------------------------------------------------------------------------- validation
+def validate_request(req: ScoreRequest) -> None:
+    """Raise before anything is written: every message names the argument and the fix."""
+    args = req.score_args
+    if args.compute_per_module_scores:
+        raise ValueError(
+            "`ScoreArguments.compute_per_module_scores=True` is not available with strategy 'bif': the posterior "
+            "covariance does not split into per-module terms. Set it to False (scores go to `all_modules`), or "
+            "restrict sampling to some modules with the Task's `get_influence_tracked_modules()`."
+        )
+    if args.module_partitions != 1 or req.target_module_partitions not in (None, 0, [0], (0,)):
+        raise ValueError(
+            "`ScoreArguments.module_partitions` must be 1 (and `target_module_partitions` None) with strategy "
+            f"'bif', got module_partitions={args.module_partitions}: BIF has no per-module work to split. "
+            "Use `data_partitions` to split the work."
+        )
+    if req.kind == "pairwise" and args.compute_per_token_scores and not args.aggregate_train_gradients:
+        raise ValueError(
+            "`ScoreArguments.compute_per_token_scores=True` is not supported by strategy 'bif' in this version. "
+            "Set it to False."
+        )
+    for name, dataset in (("train_dataset", req.train_dataset), ("query_dataset", req.query_dataset)):
+        if dataset is None and name == "query_dataset" and req.kind == "self":
+            continue
+        if dataset is None or not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
+            raise ValueError(f"`{name}` must be a map-style torch Dataset with __len__ and __getitem__.")
+        if len(dataset) == 0:
+            raise ValueError(f"`{name}` is empty; BIF needs at least one example in it.")
+    _check_batch_size("per_device_train_batch_size", req.per_device_train_batch_size, optional=True)
+    _check_batch_size(
+        "initial_per_device_train_batch_size_attempt", req.initial_per_device_train_batch_size_attempt, optional=False
+    )
+    if req.kind == "pairwise":
+        _check_batch_size("per_device_query_batch_size", req.per_device_query_batch_size, optional=False)
+        _check_indices("query_indices", req.query_indices, len(req.query_dataset))
+    _check_indices("train_indices", req.train_indices, len(req.train_dataset))
+    if args.data_partitions < 1:
+        raise ValueError(f"`ScoreArguments.data_partitions` must be >= 1, got {args.data_partitions}.")
+    if args.data_partitions == 1 and req.target_data_partitions is not None:
+        raise ValueError(
+            "`target_data_partitions` was given, but `ScoreArguments.data_partitions` is 1. "
+            "Set `data_partitions` > 1 or leave `target_data_partitions` as None."
+        )
+    n_scored = len(req.train_indices) if req.train_indices is not None else len(req.train_dataset)
+    if args.data_partitions > n_scored:
+        raise ValueError(
+            f"Data partition size ({args.data_partitions}) exceeds the number of scored training examples "
+            f"({n_scored}). Reduce `ScoreArguments.data_partitions`."
+        )
+    for p in _targets(req.target_data_partitions, args.data_partitions):
+        if not 0 <= p < args.data_partitions:
+            raise ValueError(
+                f"Invalid data partition {p} in `target_data_partitions`: must be in [0, {args.data_partitions})."
+            )
+
+
+def _check_batch_size(name: str, value: Any, optional: bool) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+
+
+def _check_indices(name: str, indices: Optional[Sequence[int]], size: int) -> None:
+    if indices is None:
+        return
+    indices = list(indices)
+    if not indices:
+        raise ValueError(f"`{name}` is empty; pass None to use every example, or at least one index.")
+    bad = [i for i in indices if not isinstance(i, (int, np.integer)) or not 0 <= int(i) < size]
+    if bad:
+        raise ValueError(f"`{name}` holds indices outside [0, {size}) of its dataset: {bad[:5]}.")
+
+
+def _targets(target: Optional[Union[int, Sequence[int]]], partitions: int) -> List[int]:
+    if target is None:
+        return list(range(partitions))
+    if isinstance(target, (int, np.integer)):
+        return [int(target)]
+    return [int(t) for t in target]
+
+
+# ---------------------------------------------------------------------------------------------- kronfluence overrides
+def apply_kronfluence_overrides(req: ScoreRequest) -> ScoreArguments:
+    """The same silent/warned overrides kronfluence applies after writing `score_arguments.json`."""
+    args = dataclasses.replace(req.score_args)
+    if req.kind == "pairwise" and args.compute_per_token_scores and args.aggregate_train_gradients:
+        logger.warning(
+            "Token-wise influence computation is not compatible with `aggregate_train_gradients=True`. "
+            "Disabling `compute_per_token_scores`."
+        )
+        args.compute_per_token_scores = False
+    if req.kind == "self":
+        if args.aggregate_query_gradients or args.aggregate_train_gradients:
+            logger.warning("Query or train gradient aggregation is not supported for self-influence computation.")
+            args.aggregate_query_gradients = args.aggregate_train_gradients = False
+        if args.compute_per_token_scores:
+            logger.warning("Token-wise influence computation is not compatible with self-influence scores.")
+            args.compute_per_token_scores = False
+        if args.query_gradient_accumulation_steps != 1:
+            args.query_gradient_accumulation_steps = 1
+        if args.query_gradient_low_rank is not None:
+            args.query_gradient_low_rank = None
+    defaults = ScoreArguments()
+    for name, reason in IGNORED_SCORE_FIELDS.items():
+        if getattr(args, name) != getattr(defaults, name):
+            warn_once(f"ignored-{name}", f"`ScoreArguments.{name}` is ignored by strategy 'bif': {reason}.")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------- the computation
+class BIFScorer:
+    """Computes and writes BIF scores for one request; owned by the Analyzer."""
+
+    def __init__(self, model: nn.Module, task: Any, analysis_dir: Path, disable_tqdm: bool) -> None:
+        self.model = model
+        self.task = task
+        self.analysis_dir = analysis_dir
+        self.disable_tqdm = disable_tqdm
+
+    def run(
+        self, req: ScoreRequest, factor_args: FactorArguments, bif_args: BIFArguments
+    ) -> Optional[Dict[str, torch.Tensor]]:
+        out = storage.scores_dir(self.analysis_dir, req.scores_name)
+        final = storage.score_file(out, req.kind)
+        if final.exists() and not req.overwrite_output_dir:
+            logger.info("Found existing %s scores at `%s`. Skipping.", req.kind, out)
+            return storage.load_tensors(final)
+        validate_request(req)
+        out.mkdir(parents=True, exist_ok=True)
+        self._record_arguments(out, req, factor_args, bif_args)
+        args = apply_kronfluence_overrides(req)
+
+        scored = (
+            list(range(len(req.train_dataset))) if req.train_indices is None else [int(i) for i in req.train_indices]
+        )
+        partitioned = args.data_partitions > 1
+        bounds = [(int(c[0]), int(c[-1]) + 1) for c in np.array_split(np.arange(len(scored)), args.data_partitions)]
+        targets = _targets(req.target_data_partitions, args.data_partitions)
+        if partitioned:
+            todo = [
+                p for p in targets if req.overwrite_output_dir or not storage.score_file(out, req.kind, (p, 0)).exists()
+            ]
+            for p in sorted(set(targets) - set(todo)):
+                logger.info("Found existing %s scores for data partition %d at `%s`. Skipping.", req.kind, p, out)
+        else:
+            todo = [0]
+
+        if todo:
+            start = time.time()
+            columns = [i for p in todo for i in range(*bounds[p])]
+            result = self._sample(req, args, bif_args, [scored[i] for i in columns], todo, bounds)
+            scores = result.moments.correlation() if bif_args.normalize else result.moments.covariance()
+            logger.info("Computed BIF %s scores in %.2f seconds.", req.kind, time.time() - start)
+            self._write(out, req.kind, args, bif_args, scores, todo, bounds, partitioned)
+            self._write_diagnostics(out, result)
+        if partitioned:
+            aggregated = aggregate_partitions(out, req.kind, args, bif_args)
+            if aggregated is None:
+                logger.info("Scores are not aggregated as scores for some partitions are not yet computed.")
+        return None
+
+    # ------------------------------------------------------------------ arguments and metadata
+    def _record_arguments(
+        self, out: Path, req: ScoreRequest, factor_args: FactorArguments, bif_args: BIFArguments
+    ) -> None:
+        ow = req.overwrite_output_dir
+        if ow:
+            storage.score_file(out, req.kind).unlink(missing_ok=True)
+            storage.remove_stale_partitions(out, req.kind)
+        storage.save_or_check_json(out / "score_arguments.json", req.score_args.to_dict(), "arguments", ow)
+        storage.save_or_check_json(out / "factor_arguments.json", factor_args.to_dict(), "arguments", ow)
+        storage.save_or_check_json(out / storage.BIF_ARGUMENTS_FILE, bif_args.to_dict(), "BIF arguments", ow)
+        if req.kind == "pairwise":
+            meta = storage.dataset_metadata(req.query_dataset, req.query_indices)
+            storage.save_or_check_json(out / "query_dataset_metadata.json", meta, "dataset metadata", ow)
+        meta = storage.dataset_metadata(req.train_dataset, req.train_indices)
+        storage.save_or_check_json(out / "train_dataset_metadata.json", meta, "dataset metadata", ow)
+
+    # ------------------------------------------------------------------ sampling
+    def _sample(
+        self,
+        req: ScoreRequest,
+        args: ScoreArguments,
+        bif_args: BIFArguments,
+        train_rows: List[int],
+        todo: List[int],
+        bounds: List[Tuple[int, int]],
+    ) -> SamplingResult:
+        device = next(self.model.parameters()).device
+        views = LossViews(self.task)
+        n_train = len(req.train_dataset)
+        eval_bs = req.per_device_train_batch_size or min(req.initial_per_device_train_batch_size_attempt, n_train)
+        train_data = DatasetOnDevice(
+            req.train_dataset, eval_bs, req.dataloader_params, device, cache=bif_args.cache_batches
+        )
+        stream = MinibatchStream(train_data, bif_args.sampler_batch_size)
+        x_reduce = None
+        if args.aggregate_train_gradients:
+            x_reduce = _segment_sum([bounds[p][1] - bounds[p][0] for p in todo])
+        x = Side(train_data.batches(train_rows, eval_bs), views.train, x_reduce)
+        y: Optional[Side] = None
+        if req.kind == "pairwise":
+            query_data = DatasetOnDevice(
+                req.query_dataset,
+                req.per_device_query_batch_size,
+                req.dataloader_params,
+                device,
+                cache=bif_args.cache_batches,
+            )
+            y_reduce = (lambda v: v.sum(1, keepdim=True)) if args.aggregate_query_gradients else None
+            y = Side(
+                query_data.batches(req.query_indices, req.per_device_query_batch_size), views.measurement, y_reduce
+            )
+        elif args.use_measurement_for_self_influence:
+            y = Side(train_data.batches(train_rows, eval_bs), views.measurement)
+        params = select_parameters(self.model, self.task.get_influence_tracked_modules())
+        logger.info(
+            "Sampling %d parameter tensors (%d weights) with %s: %d chains x %d draws.",
+            len(params),
+            sum(p.numel() for _, p in params),
+            bif_args.sampler,
+            bif_args.num_chains,
+            bif_args.num_draws,
+        )
+        with SampledWeights(self.model, params) as weights:
+            engine = SamplingEngine(
+                self.model,
+                views,
+                weights,
+                stream,
+                x,
+                y,
+                bif_args,
+                diagonal=req.kind == "self",
+                amp_dtype=as_dtype(args.amp_dtype),
+                disable_tqdm=self.disable_tqdm,
+            )
+            engine.check_views()
+            return engine.run()
+
+    # ------------------------------------------------------------------ writing
+    def _write(
+        self,
+        out: Path,
+        kind: str,
+        args: ScoreArguments,
+        bif_args: BIFArguments,
+        scores: torch.Tensor,
+        todo: List[int],
+        bounds: List[Tuple[int, int]],
+        partitioned: bool,
+    ) -> None:
+        dtype = as_dtype(args.score_dtype)
+        metadata = header_metadata(args, bif_args)
+        if not partitioned:
+            storage.save_tensors(storage.score_file(out, kind), {storage.ALL_MODULES: scores.to(dtype)}, metadata)
+            logger.info("Saved %s scores at `%s`.", kind, out)
+            return
+        offset = 0
+        for j, p in enumerate(todo):
+            width = bounds[p][1] - bounds[p][0]
+            if args.aggregate_train_gradients:
+                part = scores[..., j : j + 1]
+            else:
+                part = scores[..., offset : offset + width]
+            offset += width
+            storage.save_tensors(
+                storage.score_file(out, kind, (p, 0)), {storage.ALL_MODULES: part.contiguous().to(dtype)}, metadata
+            )
+            logger.info("Saved %s scores of data partition %d at `%s`.", kind, p, out)
+
+    @staticmethod
+    def _write_diagnostics(out: Path, result: SamplingResult) -> None:
+        storage.save_tensors(out / BIF_TRACES_FILE, result.traces)
+        storage.save_json({"chains": result.chain_summaries}, out / BIF_DIAGNOSTICS_FILE)
+
+
+def header_metadata(args: ScoreArguments, bif_args: BIFArguments) -> Dict[str, str]:
+    """kronfluence's 17 ScoreArguments keys, unchanged, plus one `bif_arguments` key (JSON)."""
+    metadata = args.to_str_dict()
+    metadata[storage.BIF_HEADER_KEY] = json.dumps(bif_args.to_dict())
+    return metadata
+
+
+def _segment_sum(widths: List[int]):
+    ids = torch.repeat_interleave(torch.arange(len(widths)), torch.tensor(widths))
+
+    def reduce(values: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(values.shape[0], len(widths), dtype=values.dtype, device=values.device)
+        return out.index_add_(1, ids.to(values.device), values)
+
+    return reduce
+
+
+def aggregate_partitions(
+    out: Path, kind: str, args: ScoreArguments, bif_args: BIFArguments
+) -> Optional[Dict[str, torch.Tensor]]:
+    """kronfluence's aggregation (concatenate data partitions; add them for aggregated train gradients)."""
+    files = [storage.score_file(out, kind, (p, 0)) for p in range(args.data_partitions)]
+    if not all(f.exists() for f in files):
+        return None
+    parts = [storage.load_tensors(f)[storage.ALL_MODULES] for f in files]
+    if args.aggregate_train_gradients:
+        merged = torch.stack(parts).sum(0)
+    else:
+        merged = torch.cat(parts, dim=1 if kind == "pairwise" else 0)
+    result = {storage.ALL_MODULES: merged}
+    storage.save_tensors(storage.score_file(out, kind), result, header_metadata(args, bif_args))
+    logger.info("Saved aggregated %s scores at `%s`.", kind, out)
+    return result

@@ -1,0 +1,136 @@
+"""kronfluence-compatible files: paths, JSON arguments, score files; every write is atomic.
+
+This is the only module that knows kronfluence's folder and file names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from kronfluence_bif.logs import logger
+
+FACTOR_PREFIX = "factors_"
+SCORE_PREFIX = "scores_"
+ALL_MODULES = "all_modules"
+BIF_ARGUMENTS_FILE = "bif_arguments.json"
+BIF_HEADER_KEY = "bif_arguments"
+
+Partition = Optional[Tuple[int, int]]
+
+
+def factors_dir(analysis_dir: Path, factors_name: str) -> Path:
+    return (analysis_dir / (FACTOR_PREFIX + factors_name)).resolve()
+
+
+def scores_dir(analysis_dir: Path, scores_name: str) -> Path:
+    return (analysis_dir / (SCORE_PREFIX + scores_name)).resolve()
+
+
+def score_file(output_dir: Path, kind: str, partition: Partition = None) -> Path:
+    """`pairwise_scores.safetensors` or kronfluence's partition name for `kind` in {pairwise, self}."""
+    if partition is None:
+        return output_dir / f"{kind}_scores.safetensors"
+    data_partition, module_partition = partition
+    return output_dir / f"{kind}_scores_data_partition{data_partition}_module_partition{module_partition}.safetensors"
+
+
+# ---------------------------------------------------------------------------------------------- atomic writes
+def _atomic_path(path: Path) -> Tuple[int, str]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over `path`."""
+    fd, tmp = _atomic_path(path)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _silent_unlink(tmp)
+        raise
+
+
+def save_json(obj: Any, path: Path) -> None:
+    """kronfluence's JSON format (indent 4, ensure_ascii=False, no trailing newline), written atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=4, ensure_ascii=False))
+
+
+def load_json(path: Path) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def save_tensors(path: Path, tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None) -> None:
+    """safetensors file written under a temporary name and renamed, so a reader never sees half a file."""
+    fd, tmp = _atomic_path(path)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _silent_unlink(tmp)
+        raise
+
+
+def load_tensors(path: Path) -> Dict[str, torch.Tensor]:
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        return {key: f.get_tensor(key) for key in f.keys()}
+
+
+def load_metadata(path: Path) -> Dict[str, str]:
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        return dict(f.metadata() or {})
+
+
+def _silent_unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------- arguments
+def save_or_check_json(path: Path, content: Any, what: str, overwrite_output_dir: bool) -> None:
+    """kronfluence's skip/mismatch rule: equal content is kept, different content raises unless overwriting."""
+    if path.exists() and not overwrite_output_dir:
+        saved = load_json(path)
+        if saved != content:
+            raise ValueError(
+                f"New {what} differ from the saved {what} at `{path}`. "
+                "Set `overwrite_output_dir=True` to overwrite existing experiment.\n"
+                f"New {what}: {content}\nSaved {what}: {saved}"
+            )
+        logger.debug("Found matching %s at `%s`.", what, path)
+        return
+    save_json(content, path)
+
+
+def dataset_metadata(dataset: Any, indices: Optional[Sequence[int]]) -> Dict[str, Any]:
+    return {
+        "type": type(dataset).__name__,
+        "dataset_size": len(dataset),
+        "indices": None if indices is None else [int(i) for i in indices],
+    }
+
+
+def remove_stale_partitions(output_dir: Path, kind: str) -> List[Path]:
+    """Remove partition files of a previous run (used with `overwrite_output_dir=True`)."""
+    removed = []
+    for path in output_dir.glob(f"{kind}_scores_data_partition*_module_partition*.safetensors"):
+        path.unlink()
+        removed.append(path)
+    return removed
