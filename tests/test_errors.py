@@ -1,0 +1,186 @@
+"""Bad input: a clear error that names the argument and the fix."""
+
+from typing import Any
+
+import pytest
+import torch
+from conftest import PlainRegressionTask, make_regression
+from kronfluence import FactorArguments, ScoreArguments
+from torch.utils.data import TensorDataset
+
+from kronfluence_bif import Analyzer, BIFArguments, BIFTask, TaskContractError, prepare_model
+from kronfluence_bif.loss_views import LossViews
+
+FAST = BIFArguments(num_chains=1, num_draws=4, num_burnin_steps=2, sampler_batch_size=8)
+
+INVALID_FIELDS = [
+    ("sampler", "langevin"),
+    ("num_chains", 0),
+    ("num_draws", -1),
+    ("num_draws", 2.5),
+    ("num_burnin_steps", -1),
+    ("draw_interval", 0),
+    ("step_size", 0.0),
+    ("step_size", float("nan")),
+    ("nbeta", -3.0),
+    ("localization", -1.0),
+    ("localization", float("inf")),
+    ("sampler_batch_size", 0),
+    ("normalize", "yes"),
+    ("seed", -1),
+    ("rmsprop_alpha", 1.0),
+    ("rmsprop_eps", 0.0),
+    ("freeze_preconditioner", 1),
+    ("divergence_loss_ratio", 0.5),
+    ("draws_per_block", 0),
+    ("cache_batches", None),
+]
+
+
+@pytest.mark.parametrize("field,value", INVALID_FIELDS)
+def test_each_invalid_field_is_named(field, value):
+    with pytest.raises(ValueError, match=rf"BIFArguments\.{field} must"):
+        BIFArguments(**{field: value})
+
+
+def test_single_draw_total_is_rejected():
+    with pytest.raises(ValueError, match="at least 2 draws"):
+        BIFArguments(num_chains=1, num_draws=1)
+
+
+def test_unknown_bif_field_from_json():
+    with pytest.raises(ValueError, match="Unknown BIFArguments fields \\['stepsize'\\]"):
+        BIFArguments.from_dict({"stepsize": 1e-4})
+
+
+def _prepared(task):
+    from conftest import fit, make_mlp
+
+    return prepare_model(fit(make_mlp(), make_regression(32), steps=50), task)
+
+
+def test_typo_strategy_lists_valid_ones(tmp_path):
+    task = PlainRegressionTask()
+    model = _prepared(task)
+    with pytest.raises(ValueError, match=r"Unknown strategy 'bfi'.*'ekfac'.*'bif'"):
+        Analyzer("a", model, task, cpu=True, output_dir=str(tmp_path), strategy="bfi")
+    analyzer = Analyzer("a", model, task, cpu=True, output_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"Unknown strategy 'ekfca' in FactorArguments.strategy.*'identity'"):
+        analyzer.fit_all_factors("f", dataset=make_regression(8), factor_args=FactorArguments(strategy="ekfca"))
+
+
+@pytest.fixture()
+def bif_analyzer(tmp_path):
+    task = PlainRegressionTask()
+    analyzer = Analyzer("e", _prepared(task), task, cpu=True, output_dir=str(tmp_path), disable_tqdm=True,
+                        strategy="bif", bif_args=FAST)
+    analyzer.fit_all_factors("f", dataset=make_regression(32))
+    return analyzer
+
+
+def test_empty_datasets(bif_analyzer, tmp_path):
+    empty = TensorDataset(torch.zeros(0, 6), torch.zeros(0, 1))
+    train = make_regression(32)
+    with pytest.raises(ValueError, match="`train_dataset` is empty"):
+        bif_analyzer.compute_pairwise_scores("s1", "f", query_dataset=train, train_dataset=empty,
+                                             per_device_query_batch_size=4)
+    with pytest.raises(ValueError, match="`query_dataset` is empty"):
+        bif_analyzer.compute_pairwise_scores("s2", "f", query_dataset=empty, train_dataset=train,
+                                             per_device_query_batch_size=4)
+    with pytest.raises(ValueError, match="`train_dataset` is empty"):
+        bif_analyzer.compute_self_scores("s3", "f", train_dataset=empty)
+    # validation happens before anything is recorded
+    assert not (tmp_path / "e" / "scores_s1" / "score_arguments.json").exists()
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(per_device_query_batch_size=0), "per_device_query_batch_size"),
+        (dict(per_device_query_batch_size=4, per_device_train_batch_size=-2), "per_device_train_batch_size"),
+        (dict(per_device_query_batch_size=4, query_indices=[0, 99]), "query_indices.*outside"),
+        (dict(per_device_query_batch_size=4, train_indices=[]), "train_indices` is empty"),
+        (dict(per_device_query_batch_size=4, score_args=ScoreArguments(compute_per_module_scores=True)),
+         "compute_per_module_scores"),
+        (dict(per_device_query_batch_size=4, score_args=ScoreArguments(module_partitions=2)), "module_partitions"),
+        (dict(per_device_query_batch_size=4, target_data_partitions=[0]), "target_data_partitions"),
+        (dict(per_device_query_batch_size=4, score_args=ScoreArguments(data_partitions=3),
+              target_data_partitions=[3]), "Invalid data partition 3"),
+    ],
+)
+def test_bad_score_call_arguments(bif_analyzer, kwargs, match):
+    data = make_regression(32)
+    with pytest.raises(ValueError, match=match):
+        bif_analyzer.compute_pairwise_scores("s", "f", query_dataset=make_regression(6), train_dataset=data, **kwargs)
+
+
+class WrongShapeTask(BIFTask):
+    def compute_train_loss(self, batch: Any, model, sample: bool = False) -> torch.Tensor:
+        x, y = batch
+        return (model(x) - y).pow(2).sum()
+
+    def compute_measurement(self, batch: Any, model) -> torch.Tensor:
+        return self.compute_train_loss(batch, model)
+
+    def compute_per_example_train_loss(self, batch: Any, model) -> torch.Tensor:
+        x, y = batch
+        return (model(x) - y).pow(2)  # [B, 1]: forgot to reduce the output dimension
+
+
+class DisagreeingTask(WrongShapeTask):
+    def compute_per_example_train_loss(self, batch: Any, model) -> torch.Tensor:
+        x, y = batch
+        return (model(x) - y).abs().sum(1)  # a different loss than compute_train_loss
+
+
+class MeanTask(PlainRegressionTask):
+    def compute_train_loss(self, batch: Any, model, sample: bool = False) -> torch.Tensor:
+        x, y = batch
+        return (model(x) - y).pow(2).mean()  # kronfluence expects a sum
+
+
+@pytest.mark.parametrize(
+    "task_cls,match",
+    [
+        (WrongShapeTask, r"`WrongShapeTask.compute_per_example_train_loss` must return a tensor of shape \[batch_size\]"),
+        (DisagreeingTask, r"`DisagreeingTask.compute_per_example_train_loss` sum to .* but `DisagreeingTask.compute_tr"),
+        (MeanTask, "seems to average; kronfluence expects sums"),
+    ],
+)
+def test_per_example_contract_is_checked(tmp_path, task_cls, match):
+    task = task_cls()
+    model = _prepared(task)
+    analyzer = Analyzer("c", model, task, cpu=True, output_dir=str(tmp_path), disable_tqdm=True, strategy="bif",
+                        bif_args=FAST)
+    analyzer.fit_all_factors("f", dataset=make_regression(32))
+    with pytest.raises(TaskContractError, match=match):
+        analyzer.compute_pairwise_scores("s", "f", query_dataset=make_regression(6), train_dataset=make_regression(32),
+                                         per_device_query_batch_size=4)
+    assert not (tmp_path / "c" / "scores_s" / "pairwise_scores.safetensors").exists()
+
+
+class ControlFlowTask(PlainRegressionTask):
+    """Python control flow on tensor values: vmap cannot trace it, the loop fallback must take over."""
+
+    def compute_train_loss(self, batch: Any, model, sample: bool = False) -> torch.Tensor:
+        x, y = batch
+        scale = 2.0 if float(y.sum()) > 1e9 else 1.0
+        return scale * (model(x) - y).pow(2).sum()
+
+
+def test_vmap_and_loop_paths_equal_the_explicit_method():
+    from kronfluence_bif import RegressionTask
+
+    data = make_regression(12)
+    batch = data.tensors
+    model = _prepared(PlainRegressionTask())
+    explicit = LossViews(RegressionTask()).train(batch, model)
+    plain = LossViews(PlainRegressionTask())
+    vmapped = plain.train(batch, model)
+    assert plain.train.mode == "vmap"
+    looped_view = LossViews(ControlFlowTask())
+    looped = looped_view.train(batch, model)
+    assert looped_view.train.mode == "loop"
+    torch.testing.assert_close(vmapped, explicit, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(looped, explicit, rtol=1e-5, atol=1e-6)
+    looped_view.train.check(batch, model)  # the loop output satisfies the contract
