@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from kronfluence_bif.arguments import BIFArguments
 from kronfluence_bif.data import EvalBatches, MinibatchStream
 from kronfluence_bif.errors import SamplerDivergenceError
-from kronfluence_bif.logs import logger
+from kronfluence_bif.logs import logger, warn_once
 from kronfluence_bif.loss_views import LossViews, PerExampleView
 from kronfluence_bif.moments import CrossMoments
 from kronfluence_bif.parameters import SampledWeights
@@ -162,6 +162,12 @@ class SamplingEngine:
         trace_y = torch.empty_like(trace_x)
         summaries = []
 
+        if args.sampler == "rmsprop_sgld" and args.num_burnin_steps == 0:
+            warn_once(
+                "rmsprop-no-burnin",
+                "RMSprop-SGLD with num_burnin_steps=0: its preconditioner starts from V=0 (the largest steps), "
+                "so early draws are biased. Set num_burnin_steps > 0 (the default is 100).",
+            )
         bar = tqdm(
             total=len(chains) * args.num_draws,
             desc="Sampling BIF draws",
@@ -177,7 +183,8 @@ class SamplingEngine:
                 for _ in range(args.num_burnin_steps):
                     self._sgld_step(sampler, step_losses, step)
                     step += 1
-                sampler.freeze()
+                if args.freeze_preconditioner:
+                    sampler.freeze()
                 self._checked_steps = 0
                 self._check_steps(step_losses[:step], chain)
                 filled, first_draw = 0, 0

@@ -43,6 +43,14 @@ def test_each_invalid_field_is_named(field, value):
         BIFArguments(**{field: value})
 
 
+def test_localization_stability_limit():
+    with pytest.raises(ValueError, match=r"step_size \* localization / rmsprop_eps must be < 4"):
+        BIFArguments(step_size=1e-4, localization=1e4)  # the RMSprop preconditioner starts at 1/rmsprop_eps
+    with pytest.raises(ValueError, match=r"step_size \* localization must be < 4"):
+        BIFArguments(sampler="sgld", step_size=1e-2, localization=400)
+    BIFArguments(sampler="sgld", step_size=1e-4, localization=1e4)
+
+
 def test_single_draw_total_is_rejected():
     with pytest.raises(ValueError, match="at least 2 draws"):
         BIFArguments(num_chains=1, num_draws=1)

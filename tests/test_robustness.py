@@ -41,7 +41,7 @@ def test_diverged_run_raises_restores_and_writes_nothing(tmp_path, trained_mlp, 
     task = PlainRegressionTask()
     model = prepare_model(trained_mlp, task)
     saved = state_copy(model)
-    analyzer = _analyzer(tmp_path, model, task, sampler="sgld", step_size=5.0, nbeta=1e4, localization=1.0)
+    analyzer = _analyzer(tmp_path, model, task, sampler="sgld", step_size=1.0, nbeta=1e4, localization=1.0)
     with pytest.raises(SamplerDivergenceError, match=r"chain 0 .*step_size.*nbeta.*localization"):
         _score(analyzer, small_data)
     assert_bitwise_equal(model, saved)
