@@ -65,14 +65,29 @@ def test_full_batch_sgld_matches_closed_form(tmp_path):
     train = TensorDataset(x[:N_TRAIN], y[:N_TRAIN])
     query = TensorDataset(x[N_TRAIN:], y[N_TRAIN:])
     args = BIFArguments(
-        sampler="sgld", num_chains=8, num_draws=1250, num_burnin_steps=200, draw_interval=4,
-        step_size=EPS, nbeta=NBETA, localization=GAMMA, sampler_batch_size=N_TRAIN, seed=3,
+        sampler="sgld",
+        num_chains=8,
+        num_draws=1250,
+        num_burnin_steps=200,
+        draw_interval=4,
+        step_size=EPS,
+        nbeta=NBETA,
+        localization=GAMMA,
+        sampler_batch_size=N_TRAIN,
+        seed=3,
     )
-    analyzer = Analyzer("closed", model, task, cpu=True, output_dir=str(tmp_path), disable_tqdm=True,
-                        strategy="bif", bif_args=args)
+    analyzer = Analyzer(
+        "closed", model, task, cpu=True, output_dir=str(tmp_path), disable_tqdm=True, strategy="bif", bif_args=args
+    )
     analyzer.fit_all_factors("bif", dataset=train)
-    analyzer.compute_pairwise_scores("s", "bif", query_dataset=query, train_dataset=train,
-                                     per_device_query_batch_size=N_QUERY, per_device_train_batch_size=N_TRAIN)
+    analyzer.compute_pairwise_scores(
+        "s",
+        "bif",
+        query_dataset=query,
+        train_dataset=train,
+        per_device_query_batch_size=N_QUERY,
+        per_device_train_batch_size=N_TRAIN,
+    )
     scores = analyzer.load_pairwise_scores("s")["all_modules"].double()  # [q, n]
 
     cov, lam = _expected_cov(x, y, w_star, EPS)

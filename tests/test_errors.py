@@ -80,8 +80,9 @@ def test_typo_strategy_lists_valid_ones(tmp_path):
 @pytest.fixture()
 def bif_analyzer(tmp_path):
     task = PlainRegressionTask()
-    analyzer = Analyzer("e", _prepared(task), task, cpu=True, output_dir=str(tmp_path), disable_tqdm=True,
-                        strategy="bif", bif_args=FAST)
+    analyzer = Analyzer(
+        "e", _prepared(task), task, cpu=True, output_dir=str(tmp_path), disable_tqdm=True, strategy="bif", bif_args=FAST
+    )
     analyzer.fit_all_factors("f", dataset=make_regression(32))
     return analyzer
 
@@ -90,11 +91,13 @@ def test_empty_datasets(bif_analyzer, tmp_path):
     empty = TensorDataset(torch.zeros(0, 6), torch.zeros(0, 1))
     train = make_regression(32)
     with pytest.raises(ValueError, match="`train_dataset` is empty"):
-        bif_analyzer.compute_pairwise_scores("s1", "f", query_dataset=train, train_dataset=empty,
-                                             per_device_query_batch_size=4)
+        bif_analyzer.compute_pairwise_scores(
+            "s1", "f", query_dataset=train, train_dataset=empty, per_device_query_batch_size=4
+        )
     with pytest.raises(ValueError, match="`query_dataset` is empty"):
-        bif_analyzer.compute_pairwise_scores("s2", "f", query_dataset=empty, train_dataset=train,
-                                             per_device_query_batch_size=4)
+        bif_analyzer.compute_pairwise_scores(
+            "s2", "f", query_dataset=empty, train_dataset=train, per_device_query_batch_size=4
+        )
     with pytest.raises(ValueError, match="`train_dataset` is empty"):
         bif_analyzer.compute_self_scores("s3", "f", train_dataset=empty)
     # validation happens before anything is recorded
@@ -108,12 +111,18 @@ def test_empty_datasets(bif_analyzer, tmp_path):
         (dict(per_device_query_batch_size=4, per_device_train_batch_size=-2), "per_device_train_batch_size"),
         (dict(per_device_query_batch_size=4, query_indices=[0, 99]), "query_indices.*outside"),
         (dict(per_device_query_batch_size=4, train_indices=[]), "train_indices` is empty"),
-        (dict(per_device_query_batch_size=4, score_args=ScoreArguments(compute_per_module_scores=True)),
-         "compute_per_module_scores"),
+        (
+            dict(per_device_query_batch_size=4, score_args=ScoreArguments(compute_per_module_scores=True)),
+            "compute_per_module_scores",
+        ),
         (dict(per_device_query_batch_size=4, score_args=ScoreArguments(module_partitions=2)), "module_partitions"),
         (dict(per_device_query_batch_size=4, target_data_partitions=[0]), "target_data_partitions"),
-        (dict(per_device_query_batch_size=4, score_args=ScoreArguments(data_partitions=3),
-              target_data_partitions=[3]), "Invalid data partition 3"),
+        (
+            dict(
+                per_device_query_batch_size=4, score_args=ScoreArguments(data_partitions=3), target_data_partitions=[3]
+            ),
+            "Invalid data partition 3",
+        ),
     ],
 )
 def test_bad_score_call_arguments(bif_analyzer, kwargs, match):
@@ -150,20 +159,28 @@ class MeanTask(PlainRegressionTask):
 @pytest.mark.parametrize(
     "task_cls,match",
     [
-        (WrongShapeTask, r"`WrongShapeTask.compute_per_example_train_loss` must return a tensor of shape \[batch_size\]"),
-        (DisagreeingTask, r"`DisagreeingTask.compute_per_example_train_loss` sum to .* but `DisagreeingTask.compute_tr"),
+        (
+            WrongShapeTask,
+            r"`WrongShapeTask.compute_per_example_train_loss` must return a tensor of shape \[batch_size\]",
+        ),
+        (
+            DisagreeingTask,
+            r"`DisagreeingTask.compute_per_example_train_loss` sum to .* but `DisagreeingTask.compute_tr",
+        ),
         (MeanTask, "seems to average; kronfluence expects sums"),
     ],
 )
 def test_per_example_contract_is_checked(tmp_path, task_cls, match):
     task = task_cls()
     model = _prepared(task)
-    analyzer = Analyzer("c", model, task, cpu=True, output_dir=str(tmp_path), disable_tqdm=True, strategy="bif",
-                        bif_args=FAST)
+    analyzer = Analyzer(
+        "c", model, task, cpu=True, output_dir=str(tmp_path), disable_tqdm=True, strategy="bif", bif_args=FAST
+    )
     analyzer.fit_all_factors("f", dataset=make_regression(32))
     with pytest.raises(TaskContractError, match=match):
-        analyzer.compute_pairwise_scores("s", "f", query_dataset=make_regression(6), train_dataset=make_regression(32),
-                                         per_device_query_batch_size=4)
+        analyzer.compute_pairwise_scores(
+            "s", "f", query_dataset=make_regression(6), train_dataset=make_regression(32), per_device_query_batch_size=4
+        )
     assert not (tmp_path / "c" / "scores_s" / "pairwise_scores.safetensors").exists()
 
 

@@ -38,13 +38,22 @@ def runs(tmp_path_factory):
     for name, (kw, sa) in SCORE_CASES.items():
         for method in ("ekfac", "bif"):
             analyzer.compute_pairwise_scores(
-                f"{method}_{name}", method, query_dataset=query, train_dataset=train, per_device_query_batch_size=4,
-                per_device_train_batch_size=16, score_args=ScoreArguments(**sa), **kw,
+                f"{method}_{name}",
+                method,
+                query_dataset=query,
+                train_dataset=train,
+                per_device_query_batch_size=4,
+                per_device_train_batch_size=16,
+                score_args=ScoreArguments(**sa),
+                **kw,
             )
     for method in ("ekfac", "bif"):
         analyzer.compute_self_scores(f"{method}_self", method, train_dataset=train, per_device_train_batch_size=16)
         analyzer.compute_self_scores(
-            f"{method}_self_measurement", method, train_dataset=train, per_device_train_batch_size=16,
+            f"{method}_self_measurement",
+            method,
+            train_dataset=train,
+            per_device_train_batch_size=16,
             score_args=ScoreArguments(use_measurement_for_self_influence=True),
         )
     return analyzer, out / "mlp", train, query, model, task
@@ -139,8 +148,13 @@ def test_partition_files_aggregate_with_kronfluence_itself(runs):
 
 def test_separate_partition_jobs_equal_one_job(runs, tmp_path):
     analyzer, root, train, query, model, task = runs
-    kw = dict(query_dataset=query, train_dataset=train, per_device_query_batch_size=4, per_device_train_batch_size=16,
-              score_args=ScoreArguments(data_partitions=2))
+    kw = dict(
+        query_dataset=query,
+        train_dataset=train,
+        per_device_query_batch_size=4,
+        per_device_train_batch_size=16,
+        score_args=ScoreArguments(data_partitions=2),
+    )
     analyzer.compute_pairwise_scores("jobs", "bif", target_data_partitions=[1], **kw)
     assert analyzer.load_pairwise_scores("jobs") is None  # partition 0 not computed yet: nothing aggregated
     analyzer.compute_pairwise_scores("jobs", "bif", target_data_partitions=[0], **kw)
@@ -157,13 +171,16 @@ def test_skip_mismatch_and_overwrite(runs):
     # arguments than the recorded ones raise
     (root / "scores_bif_f64" / "pairwise_scores.safetensors").unlink()
     with pytest.raises(ValueError, match="overwrite_output_dir=True"):
-        analyzer.compute_pairwise_scores("bif_f64", "bif", score_args=ScoreArguments(score_dtype=torch.float16),
-                                         overwrite_output_dir=False, **kw)
+        analyzer.compute_pairwise_scores(
+            "bif_f64", "bif", score_args=ScoreArguments(score_dtype=torch.float16), overwrite_output_dir=False, **kw
+        )
     with pytest.raises(ValueError, match="overwrite_output_dir=True"):
-        analyzer.fit_all_factors("bif", dataset=train, factor_args=FactorArguments(strategy="bif"),
-                                 bif_args=BIFArguments(num_draws=3))
-    analyzer.compute_pairwise_scores("bif_f64", "bif", score_args=ScoreArguments(score_dtype=torch.float16),
-                                     overwrite_output_dir=True, **kw)
+        analyzer.fit_all_factors(
+            "bif", dataset=train, factor_args=FactorArguments(strategy="bif"), bif_args=BIFArguments(num_draws=3)
+        )
+    analyzer.compute_pairwise_scores(
+        "bif_f64", "bif", score_args=ScoreArguments(score_dtype=torch.float16), overwrite_output_dir=True, **kw
+    )
     assert analyzer.load_pairwise_scores("bif_f64")["all_modules"].dtype == torch.float16
 
 
@@ -175,12 +192,17 @@ def test_kronfluence_strategies_unchanged_and_bif_via_analyzer_flag(tmp_path, sm
     analyzer.fit_all_factors("f", dataset=train, per_device_batch_size=16)
     assert analyzer.load_factor_args("f").strategy == "kfac"
     assert (tmp_path / "a" / "factors_f" / "activation_eigenvectors.safetensors").exists()
-    bif = Analyzer("b", model, task, cpu=True, output_dir=str(tmp_path), disable_tqdm=True, strategy="bif",
-                   bif_args=FAST)
+    bif = Analyzer(
+        "b", model, task, cpu=True, output_dir=str(tmp_path), disable_tqdm=True, strategy="bif", bif_args=FAST
+    )
     bif.fit_all_factors("f", dataset=train)
     assert sorted(p.name for p in (tmp_path / "b" / "factors_f").iterdir()) == [
-        "bif_arguments.json", "factor_arguments.json"]
+        "bif_arguments.json",
+        "factor_arguments.json",
+    ]
     assert bif.load_bif_args("f") == FAST
-    assert bif.compute_pairwise_scores("s", "f", query_dataset=query, train_dataset=train,
-                                       per_device_query_batch_size=5) is None  # kronfluence returns None when fresh
+    assert (
+        bif.compute_pairwise_scores("s", "f", query_dataset=query, train_dataset=train, per_device_query_batch_size=5)
+        is None
+    )  # kronfluence returns None when fresh
     assert bif.load_pairwise_scores("s")["all_modules"].shape == (len(query), len(train))

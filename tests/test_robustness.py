@@ -13,16 +13,18 @@ FAST = dict(num_chains=2, num_draws=10, num_burnin_steps=5, sampler_batch_size=8
 
 def _analyzer(tmp_path, model, task, **bif):
     args = BIFArguments(**{**FAST, **bif})
-    analyzer = Analyzer("r", model, task, cpu=True, output_dir=str(tmp_path), disable_tqdm=True, strategy="bif",
-                        bif_args=args)
+    analyzer = Analyzer(
+        "r", model, task, cpu=True, output_dir=str(tmp_path), disable_tqdm=True, strategy="bif", bif_args=args
+    )
     return analyzer
 
 
 def _score(analyzer, small_data, name="s"):
     train, query = small_data
     analyzer.fit_all_factors("f", dataset=train, overwrite_output_dir=True)
-    return analyzer.compute_pairwise_scores(name, "f", query_dataset=query, train_dataset=train,
-                                            per_device_query_batch_size=5)
+    return analyzer.compute_pairwise_scores(
+        name, "f", query_dataset=query, train_dataset=train, per_device_query_batch_size=5
+    )
 
 
 def test_normal_run_restores_bitwise_and_flags(tmp_path, trained_mlp, small_data):

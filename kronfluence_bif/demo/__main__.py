@@ -38,22 +38,33 @@ def run_uci_ab(
     task = RegressionTask()
     model = prepare_model(model, task)
     analyzer = Analyzer("uci", model, task, cpu=True, output_dir=output_dir, disable_tqdm=disable_tqdm)
-    common = dict(query_dataset=test, train_dataset=train, per_device_query_batch_size=len(test),
-                  per_device_train_batch_size=len(train), overwrite_output_dir=True)
+    common = dict(
+        query_dataset=test,
+        train_dataset=train,
+        per_device_query_batch_size=len(test),
+        per_device_train_batch_size=len(train),
+        overwrite_output_dir=True,
+    )
     start = time.perf_counter()
     analyzer.fit_all_factors("ekfac", dataset=train, per_device_batch_size=len(train), overwrite_output_dir=True)
     analyzer.compute_pairwise_scores("ekfac", "ekfac", **common)
     ekfac_time = time.perf_counter() - start
     start = time.perf_counter()
-    analyzer.fit_all_factors("bif", dataset=train, factor_args=FactorArguments(strategy="bif"), bif_args=bif_args,
-                             overwrite_output_dir=True)
+    analyzer.fit_all_factors(
+        "bif", dataset=train, factor_args=FactorArguments(strategy="bif"), bif_args=bif_args, overwrite_output_dir=True
+    )
     analyzer.compute_pairwise_scores("bif", "bif", **common)
     bif_time = time.perf_counter() - start
     ekfac = analyzer.load_pairwise_scores("ekfac")["all_modules"].numpy()
     bif = analyzer.load_pairwise_scores("bif")["all_modules"].numpy()
     return {
-        "ekfac": ekfac, "bif": bif, "ekfac_seconds": ekfac_time, "bif_seconds": bif_time,
-        "agreement": agreement(ekfac, bif), "train": train, "test": test,
+        "ekfac": ekfac,
+        "bif": bif,
+        "ekfac_seconds": ekfac_time,
+        "bif_seconds": bif_time,
+        "agreement": agreement(ekfac, bif),
+        "train": train,
+        "test": test,
     }
 
 
@@ -74,8 +85,10 @@ def main(argv: Optional[list] = None) -> None:
     print(f"\nScores: {ek.shape[0]} queries x {ek.shape[1]} training rows, in {args.output_dir}/uci/scores_*/")
     print(f"EK-FAC (fit + score): {r['ekfac_seconds']:.1f} s    BIF (one SGLD phase): {r['bif_seconds']:.1f} s")
     a = r["agreement"]
-    print(f"Agreement BIF vs EK-FAC: mean per-query Spearman {a['spearman']:.3f}, top-10 overlap {a['top10_overlap']:.2f}"
-          f" (random scores: 0.000 and {10 / ek.shape[1]:.3f})")
+    print(
+        f"Agreement BIF vs EK-FAC: mean per-query Spearman {a['spearman']:.3f}, top-10 overlap {a['top10_overlap']:.2f}"
+        f" (random scores: 0.000 and {10 / ek.shape[1]:.3f})"
+    )
     x_train = r["train"].tensors[0].numpy()
     for q in range(min(args.queries, ek.shape[0])):
         print(f"\nQuery {q}: most helpful training rows (positive = lowers the query's loss)")

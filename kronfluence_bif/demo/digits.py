@@ -18,7 +18,9 @@ def load_digits_split(n_train: int = 1000, n_query: int = 200, seed: int = 0) ->
     order = np.random.RandomState(seed).permutation(len(x))
     x = torch.tensor(x[order] / 16.0, dtype=torch.float32)
     y = torch.tensor(y[order], dtype=torch.long)
-    return TensorDataset(x[:n_train], y[:n_train]), TensorDataset(x[n_train : n_train + n_query], y[n_train : n_train + n_query])
+    return TensorDataset(x[:n_train], y[:n_train]), TensorDataset(
+        x[n_train : n_train + n_query], y[n_train : n_train + n_query]
+    )
 
 
 def make_classifier(width: int = 128, seed: int = 0) -> nn.Sequential:
@@ -27,7 +29,11 @@ def make_classifier(width: int = 128, seed: int = 0) -> nn.Sequential:
 
 
 def train_classifier(
-    train: TensorDataset, epochs: int = 60, lr: float = 3e-3, batch_size: int = 64, seed: int = 0,
+    train: TensorDataset,
+    epochs: int = 60,
+    lr: float = 3e-3,
+    batch_size: int = 64,
+    seed: int = 0,
     model: Optional[nn.Module] = None,
 ) -> nn.Module:
     model = make_classifier(seed=seed) if model is None else model

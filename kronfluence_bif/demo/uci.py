@@ -37,7 +37,12 @@ def load_concrete(split_seed: int = 0, test_fraction: float = 0.1) -> Tuple[Tens
 def make_mlp(width: int = 128, seed: int = 0) -> nn.Sequential:
     torch.manual_seed(seed)
     return nn.Sequential(
-        nn.Linear(8, width), nn.GELU(), nn.Linear(width, width), nn.GELU(), nn.Linear(width, width), nn.GELU(),
+        nn.Linear(8, width),
+        nn.GELU(),
+        nn.Linear(width, width),
+        nn.GELU(),
+        nn.Linear(width, width),
+        nn.GELU(),
         nn.Linear(width, 1),
     )
 
