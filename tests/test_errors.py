@@ -209,3 +209,28 @@ def test_vmap_and_loop_paths_equal_the_explicit_method():
     torch.testing.assert_close(vmapped, explicit, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(looped, explicit, rtol=1e-5, atol=1e-6)
     looped_view.train.check(batch, model)  # the loop output satisfies the contract
+
+
+def test_ignored_score_arguments_warn_once(bif_analyzer, caplog):
+    import logging
+
+    from kronfluence_bif import logs
+
+    logs._warned.discard("ignored-damping_factor")
+    kw = dict(query_dataset=make_regression(6), train_dataset=make_regression(32), per_device_query_batch_size=3)
+    with caplog.at_level(logging.WARNING, logger="kronfluence_bif"):
+        bif_analyzer.compute_pairwise_scores("w1", "f", score_args=ScoreArguments(damping_factor=0.1), **kw)
+        bif_analyzer.compute_pairwise_scores("w2", "f", score_args=ScoreArguments(damping_factor=0.1), **kw)
+    messages = [r.getMessage() for r in caplog.records if "damping_factor" in r.getMessage()]
+    assert len(messages) == 1 and "`localization` (gamma) in BIFArguments plays the role of damping" in messages[0]
+
+
+def test_individual_fit_methods_record_bif(tmp_path):
+    task = PlainRegressionTask()
+    analyzer = Analyzer("i", _prepared(task), task, cpu=True, output_dir=str(tmp_path), strategy="bif", bif_args=FAST)
+    data = make_regression(16)
+    analyzer.fit_covariance_matrices("f", dataset=data)
+    analyzer.perform_eigendecomposition("f")
+    analyzer.fit_lambda_matrices("f", dataset=data)
+    assert analyzer.load_factor_args("f").strategy == "bif" and analyzer.load_bif_args("f") == FAST
+    assert analyzer.load_all_factors("f") == {}
