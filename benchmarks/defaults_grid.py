@@ -22,6 +22,7 @@ from scipy.stats import spearmanr
 from torch.utils.data import TensorDataset
 
 from kronfluence_bif import Analyzer, BIFArguments, ClassificationTask, FactorArguments, RegressionTask, prepare_model
+from kronfluence_bif.demo.__main__ import agreement as demo_agreement
 from kronfluence_bif.demo.digits import load_digits_split, train_classifier
 from kronfluence_bif.demo.uci import load_concrete, train_mlp
 
@@ -75,12 +76,9 @@ def lds(scores, masks, losses):
     return float(np.nanmean([spearmanr(pred[:, j], losses[:, j]).statistic for j in range(scores.shape[0])]))
 
 
-def agreement(ref, scores, k=10):
-    rho = float(np.nanmean([spearmanr(ref[i], scores[i]).statistic for i in range(len(ref))]))
-    top = float(
-        np.mean([len(set(np.argsort(-ref[i])[:k]) & set(np.argsort(-scores[i])[:k])) / k for i in range(len(ref))])
-    )
-    return rho, top
+def agreement(ref, scores):
+    result = demo_agreement(ref, scores)
+    return result["spearman"], result["top10_overlap"]
 
 
 def main() -> None:
