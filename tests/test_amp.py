@@ -13,8 +13,9 @@ def test_bf16_autocast_scores_track_fp32(tmp_path):
     task = RegressionTask()
     model = prepare_model(fit(make_mlp(width=32), train, steps=300), task)
     args = BIFArguments(num_chains=2, num_draws=150, num_burnin_steps=20, sampler_batch_size=16)
-    analyzer = Analyzer("amp", model, task, cpu=True, output_dir=str(tmp_path), disable_tqdm=True, strategy="bif",
-                        bif_args=args)
+    analyzer = Analyzer(
+        "amp", model, task, cpu=True, output_dir=str(tmp_path), disable_tqdm=True, strategy="bif", bif_args=args
+    )
     analyzer.fit_all_factors("f", dataset=train)
     kw = dict(query_dataset=query, train_dataset=train, per_device_query_batch_size=6)
     analyzer.compute_pairwise_scores("fp32", "f", **kw)
