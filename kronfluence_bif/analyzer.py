@@ -118,26 +118,22 @@ class Analyzer(KronfluenceAnalyzer):
             overwrite_output_dir=overwrite_output_dir,
         )
 
-    def fit_covariance_matrices(self, factors_name: str, dataset: data.Dataset, *args: Any, **kwargs: Any) -> None:
+    def _fit_step(self, kronfluence_method, factors_name: str, *args: Any, **kwargs: Any) -> None:
+        """A single kronfluence fit method, or the BIF record when the resolved strategy is "bif"."""
         bif_args = kwargs.pop("bif_args", None)
         factor_args = self._resolve_factor_args(kwargs.pop("factor_args", None))
         if factor_args is not None and factor_args.strategy == "bif":
             return self._fit_bif(factors_name, factor_args, bif_args, kwargs.get("overwrite_output_dir", False))
-        return super().fit_covariance_matrices(factors_name, dataset, *args, factor_args=factor_args, **kwargs)
+        return kronfluence_method(factors_name, *args, factor_args=factor_args, **kwargs)
+
+    def fit_covariance_matrices(self, factors_name: str, dataset: data.Dataset, *args: Any, **kwargs: Any) -> None:
+        return self._fit_step(super().fit_covariance_matrices, factors_name, dataset, *args, **kwargs)
 
     def perform_eigendecomposition(self, factors_name: str, *args: Any, **kwargs: Any) -> None:
-        bif_args = kwargs.pop("bif_args", None)
-        factor_args = self._resolve_factor_args(kwargs.pop("factor_args", None))
-        if factor_args is not None and factor_args.strategy == "bif":
-            return self._fit_bif(factors_name, factor_args, bif_args, kwargs.get("overwrite_output_dir", False))
-        return super().perform_eigendecomposition(factors_name, *args, factor_args=factor_args, **kwargs)
+        return self._fit_step(super().perform_eigendecomposition, factors_name, *args, **kwargs)
 
     def fit_lambda_matrices(self, factors_name: str, dataset: data.Dataset, *args: Any, **kwargs: Any) -> None:
-        bif_args = kwargs.pop("bif_args", None)
-        factor_args = self._resolve_factor_args(kwargs.pop("factor_args", None))
-        if factor_args is not None and factor_args.strategy == "bif":
-            return self._fit_bif(factors_name, factor_args, bif_args, kwargs.get("overwrite_output_dir", False))
-        return super().fit_lambda_matrices(factors_name, dataset, *args, factor_args=factor_args, **kwargs)
+        return self._fit_step(super().fit_lambda_matrices, factors_name, dataset, *args, **kwargs)
 
     def load_all_factors(self, factors_name: str) -> Dict[str, Any]:
         factor_args = self.load_factor_args(factors_name)

@@ -148,6 +148,7 @@ class SamplingEngine:
                 "Check the model and the Task."
             )
         self._limit = args.divergence_loss_ratio * init_mean if init_mean > 0 else math.inf
+        shift_x, shift_y = shift_x.double(), shift_y.double()
         self._init_mean = init_mean
 
         dim_x = self._reduced_dim(self.x, n_x_raw)
@@ -197,14 +198,12 @@ class SamplingEngine:
                         self._evaluate(self.y, buf_y[filled])
                     filled += 1
                     if filled == block or draw == args.num_draws - 1:
-                        self._flush(moments, buf_x[:filled], buf_y[:filled], shift_x, shift_y, chain, first_draw)
-                        trace_x[ci, first_draw : first_draw + filled] = buf_x[:filled].double().mean(1)
-                        if self.y is not None and n_y_raw:
-                            trace_y[ci, first_draw : first_draw + filled] = buf_y[:filled].double().mean(1)
-                        else:
-                            trace_y[ci, first_draw : first_draw + filled] = trace_x[
-                                ci, first_draw : first_draw + filled
-                            ]
+                        bx, by = buf_x[:filled], buf_y[:filled]
+                        mean_x = bx.double().mean(1)
+                        self._raise_if_diverged(mean_x, bx, by, chain, first_draw)
+                        self._flush(moments, bx, by, shift_x, shift_y)
+                        trace_x[ci, first_draw : first_draw + filled] = mean_x
+                        trace_y[ci, first_draw : first_draw + filled] = by.double().mean(1) if n_y_raw else mean_x
                         self._check_steps(step_losses[:step], chain)
                         bar.update(filled)
                         first_draw += filled
@@ -235,24 +234,24 @@ class SamplingEngine:
             return n_raw
         return int(side.reduce(torch.zeros(1, n_raw)).shape[1])
 
-    def _flush(self, moments, bx, by, shift_x, shift_y, chain: int, first_draw: int) -> None:
-        finite = torch.isfinite(bx).all(1)
-        if by.shape[1]:
-            finite &= torch.isfinite(by).all(1)
-        means = bx.double().mean(1) if bx.shape[1] else torch.zeros(bx.shape[0], dtype=torch.float64)
+    def _raise_if_diverged(self, means, bx, by, chain: int, first_draw: int) -> None:
+        """Non-finite values, or a draw whose mean train loss passed divergence_loss_ratio times its value at w*."""
+        finite = torch.isfinite(bx).all(1) & torch.isfinite(by).all(1)
         bad = (~finite) | (means > self._limit)
         if bool(bad.any()):
             k = int(bad.nonzero()[0, 0])
-            draw = first_draw + k
             what = "non-finite losses" if not bool(finite[k]) else f"mean train loss {float(means[k]):.4g}"
-            self._raise(chain, f"draw {draw}", what)
-        x = bx.double() - shift_x.double()
+            self._raise(chain, f"draw {first_draw + k}", what)
+
+    def _flush(self, moments: CrossMoments, bx, by, shift_x, shift_y) -> None:
+        """Shift (by the float64 values at w*), reduce, and add a block of draws to the moments."""
+        x = bx.double() - shift_x
         if self.x.reduce is not None:
             x = self.x.reduce(x)
         if self.y is None:
             moments.update(x, x)
             return
-        y = by.double() - shift_y.double()
+        y = by.double() - shift_y
         if self.y.reduce is not None:
             y = self.y.reduce(y)
         moments.update(x, y)

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from kronfluence_bif.demo.training import fit_minibatches
+
 
 def load_digits_split(n_train: int = 1000, n_query: int = 200, seed: int = 0) -> Tuple[TensorDataset, TensorDataset]:
     """(train, query) TensorDatasets: x [n, 64] float32 scaled to [0, 1], y [n] int64."""
@@ -36,18 +38,7 @@ def train_classifier(
     seed: int = 0,
     model: Optional[nn.Module] = None,
 ) -> nn.Module:
+    """AdamW on the cross-entropy; deterministic for a given seed."""
     model = make_classifier(seed=seed) if model is None else model
     x, y = train.tensors
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(len(x), generator=gen)
-        for start in range(0, len(x), batch_size):
-            idx = perm[start : start + batch_size]
-            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    model.eval()
-    return model
+    return fit_minibatches(model, x, y, nn.functional.cross_entropy, epochs, lr, batch_size, 1e-4, seed)

@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from kronfluence_bif.demo.training import fit_minibatches
+
 DATA_FILE = Path(__file__).with_name("concrete.data")
 
 
@@ -56,21 +58,9 @@ def train_mlp(
     seed: int = 0,
     model: Optional[nn.Module] = None,
 ) -> nn.Module:
-    """Adam on the mean squared error; deterministic for a given seed."""
+    """AdamW with a cosine schedule on the mean squared error; deterministic for a given seed."""
     model = make_mlp(seed=seed) if model is None else model
     x, y = train.tensors
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * ((len(x) + batch_size - 1) // batch_size))
-    model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(len(x), generator=gen)
-        for start in range(0, len(x), batch_size):
-            idx = perm[start : start + batch_size]
-            loss = nn.functional.mse_loss(model(x[idx]), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-    model.eval()
-    return model
+    return fit_minibatches(
+        model, x, y, nn.functional.mse_loss, epochs, lr, batch_size, weight_decay, seed, cosine_schedule=True
+    )
