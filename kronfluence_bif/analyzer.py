@@ -15,6 +15,7 @@ from torch.utils import data
 
 from kronfluence_bif import storage
 from kronfluence_bif.arguments import BIFArguments
+from kronfluence_bif.distributed import process_state
 from kronfluence_bif.logs import logger
 from kronfluence_bif.scoring import BIFScorer, ScoreRequest
 
@@ -88,9 +89,13 @@ class Analyzer(KronfluenceAnalyzer):
         """BIF has nothing to fit: record the strategy and the sampler settings the scores will use."""
         bif_args = bif_args if bif_args is not None else self.bif_args
         folder = storage.factors_dir(self.output_dir, factors_name)
-        folder.mkdir(parents=True, exist_ok=True)
-        storage.save_or_check_json(folder / "factor_arguments.json", factor_args.to_dict(), "arguments", ow)
-        storage.save_or_check_json(folder / storage.BIF_ARGUMENTS_FILE, bif_args.to_dict(), "BIF arguments", ow)
+
+        def record() -> None:
+            folder.mkdir(parents=True, exist_ok=True)
+            storage.save_or_check_json(folder / "factor_arguments.json", factor_args.to_dict(), "arguments", ow)
+            storage.save_or_check_json(folder / storage.BIF_ARGUMENTS_FILE, bif_args.to_dict(), "BIF arguments", ow)
+
+        process_state(self.model).on_main(record)  # one writer; a mismatch raises on every process
         logger.info("Strategy `bif` fits no factors; recorded its arguments at `%s`.", folder)
 
     # ------------------------------------------------------------------ fit methods

@@ -65,6 +65,14 @@ class BIFArguments:
         "Collate the train/query datasets once and keep the tensors on the device (fast for data that fits).",
         default=True,
     )
+    checkpoint_interval: int = _help(
+        "Checkpoint each chain every this many draws (at the next block boundary) into the scores folder, so a "
+        "killed run resumes there; 0 disables checkpoints.",
+        default=100,
+    )
+    keep_checkpoints: bool = _help(
+        "Keep the checkpoints after the final scores are written (they are removed by default).", default=False
+    )
 
     def __post_init__(self) -> None:
         self.validate()
@@ -78,6 +86,7 @@ class BIFArguments:
             _check_int(name, getattr(self, name), minimum=1)
         _check_int("num_burnin_steps", self.num_burnin_steps, minimum=0)
         _check_int("seed", self.seed, minimum=0)
+        _check_int("checkpoint_interval", self.checkpoint_interval, minimum=0)
         if self.num_chains * self.num_draws < 2:
             raise ValueError(
                 "BIFArguments needs at least 2 draws in total (num_chains * num_draws >= 2) to estimate a covariance, "
@@ -98,7 +107,7 @@ class BIFArguments:
             )
         if not (isinstance(self.rmsprop_alpha, (int, float)) and 0.0 < float(self.rmsprop_alpha) < 1.0):
             raise ValueError(f"BIFArguments.rmsprop_alpha must be in (0, 1), got {self.rmsprop_alpha!r}.")
-        for name in ("normalize", "freeze_preconditioner", "cache_batches"):
+        for name in ("normalize", "freeze_preconditioner", "cache_batches", "keep_checkpoints"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"BIFArguments.{name} must be True or False, got {getattr(self, name)!r}.")
 

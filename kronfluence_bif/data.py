@@ -133,6 +133,16 @@ class MinibatchStream:
         self._generator = generator
         self._perm, self._pos = None, 0
 
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        """Position in the current epoch's permutation and the shuffling generator (for resume)."""
+        perm = self._perm if self._perm is not None else torch.empty(0, dtype=torch.long)
+        return {"perm": perm, "pos": torch.tensor([self._pos]), "generator": self._generator.get_state()}
+
+    def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        self._perm = state["perm"].clone() if state["perm"].numel() else None
+        self._pos = int(state["pos"][0])
+        self._generator.set_state(state["generator"])
+
     def next(self) -> Any:
         if self._perm is None or self._pos + self.batch_size > self.n:
             self._perm = torch.randperm(self.n, generator=self._generator)

@@ -1,9 +1,11 @@
 """The sampling phase: chains x draws of SGLD, evaluating every example at every kept draw.
 
 Per draw the engine evaluates the per-example values x (train losses of the scored examples) and y (query
-measurements, or the same examples' measurements for self scores), buffers them, and every `draws_per_block`
-draws updates the float64 moments with one GEMM, checking for divergence at the same time (one host sync per
-block). The model leaves this module with exactly w*, whatever happens.
+measurements, or the same examples' measurements for self scores) into one buffer row, and every
+`draws_per_block` draws updates the float64 moments with one GEMM, checking for divergence at the same time
+(one host sync per block). Each chain keeps its own moments, checkpointed at block boundaries, and the
+process's chains are pooled at the end; processes then add their sums. The model leaves this module with
+exactly w*, whatever happens.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -19,7 +21,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from kronfluence_bif.arguments import BIFArguments
+from kronfluence_bif.checkpoints import CheckpointStore
 from kronfluence_bif.data import EvalBatches, MinibatchStream
+from kronfluence_bif.distributed import ProcessState, WorkPlan, split_evenly
 from kronfluence_bif.errors import SamplerDivergenceError
 from kronfluence_bif.logs import logger, warn_once
 from kronfluence_bif.loss_views import LossViews, PerExampleView
@@ -30,6 +34,7 @@ from kronfluence_bif.sampler import SGLD, RMSpropSGLD
 TQDM_BAR_FORMAT = (
     "{desc} [{n_fmt}/{total_fmt}] {percentage:3.0f}%|{bar}{postfix} [time left: {remaining}, time spent: {elapsed}]"
 )
+TRACE_NAMES = ("mean_train_loss", "mean_measurement", "distance_from_w_star")
 
 
 def chain_seed(seed: int, chain: int) -> int:
@@ -49,6 +54,10 @@ class Side:
     def size(self) -> int:
         return self.batches.size
 
+    def batch_sizes(self) -> List[int]:
+        step = self.batches.batch_size
+        return [min(step, self.size - start) for start in range(0, self.size, step)]
+
 
 @dataclass
 class SamplingResult:
@@ -57,8 +66,21 @@ class SamplingResult:
     traces: Dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+@dataclass
+class _Layout:
+    """Where each evaluated value goes, and which part of the work is this process's."""
+
+    n_x: int
+    n_y: int
+    dim_x: int
+    dim_y: int
+    mine: Optional[set]  # (side, batch) units this process evaluates; None: all of them
+    gather_columns: List[torch.Tensor]  # buffer columns evaluated by each member of the group
+    own: Optional[torch.Tensor]  # output columns (of dim_x) this process accumulates; None: all
+
+
 class SamplingEngine:
-    """Runs the chains of one BIF computation and returns pooled moments."""
+    """Runs this process's chains of one BIF computation and returns the moments pooled over all processes."""
 
     def __init__(
         self,
@@ -72,6 +94,8 @@ class SamplingEngine:
         diagonal: bool = False,
         amp_dtype: Optional[torch.dtype] = None,
         disable_tqdm: bool = False,
+        state: Optional[ProcessState] = None,
+        checkpoints: Optional[CheckpointStore] = None,
     ) -> None:
         self.model = model
         self.views = views
@@ -79,11 +103,13 @@ class SamplingEngine:
         self.stream = stream
         self.x, self.y = x, y  # y None: self-influence Var(x), y = x
         self.diagonal = diagonal or y is None  # self-influence pairs example i with itself only
-        self._checked_steps = 0
         self.args = args
         self.amp_dtype = amp_dtype
         self.disable_tqdm = disable_tqdm
+        self.state = state if state is not None else ProcessState.local()
+        self.checkpoints = checkpoints
         self.device = weights.params[0].device
+        self._checked_steps = 0
 
     # ------------------------------------------------------------------ evaluation
     def _autocast(self):
@@ -91,20 +117,44 @@ class SamplingEngine:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
-    def _evaluate(self, side: Side, out: torch.Tensor) -> None:
+    def _sides(self) -> List[Side]:
+        return [self.x] if self.y is None else [self.x, self.y]
+
+    def _evaluate(self, row: torch.Tensor, mine: Optional[set]) -> None:
+        """Per-example values of both sides into `row` [n_x + n_y]; only this process's batches when sharded."""
         offset = 0
         with torch.inference_mode(), self._autocast():
-            for batch in side.batches:
-                values = side.view(batch, self.model)
-                out[offset : offset + values.shape[0]] = values.reshape(-1)
-                offset += values.shape[0]
+            for s, side in enumerate(self._sides()):
+                for b, batch in enumerate(side.batches):
+                    size = min(side.batches.batch_size, side.size - b * side.batches.batch_size)
+                    if mine is None or (s, b) in mine:
+                        values = side.view(batch, self.model)
+                        row[offset : offset + size] = values.reshape(-1)
+                    offset += size
 
     def check_views(self) -> None:
         """The per-example contract on the first batch of each side, at w*, in full precision."""
         with torch.inference_mode():
-            self.x.view.check(self.x.batches.first(), self.model)
-            if self.y is not None:
-                self.y.view.check(self.y.batches.first(), self.model)
+            for side in self._sides():
+                side.view.check(side.batches.first(), self.model)
+
+    def _layout(self, plan: WorkPlan) -> _Layout:
+        n_x = self.x.size
+        n_y = self.y.size if self.y is not None else 0
+        dim_x = _reduced_dim(self.x, n_x)
+        dim_y = dim_x if self.y is None else _reduced_dim(self.y, n_y)
+        if plan.num_shards == 1:
+            return _Layout(n_x, n_y, dim_x, dim_y, None, [], None)
+        units, columns, offset = [], [], 0
+        for s, side in enumerate(self._sides()):
+            for b, size in enumerate(side.batch_sizes()):
+                units.append((s, b))
+                columns.append(torch.arange(offset, offset + size))
+                offset += size
+        parts = split_evenly([c.numel() for c in columns], plan.num_shards)
+        gather = [torch.cat([columns[u] for u in part]) if part else torch.empty(0, dtype=torch.long) for part in parts]
+        own = torch.tensor(np.array_split(np.arange(dim_x), plan.num_shards)[plan.shard], dtype=torch.long)
+        return _Layout(n_x, n_y, dim_x, dim_y, {units[u] for u in parts[plan.shard]}, gather, own.to(self.device))
 
     # ------------------------------------------------------------------ sampling
     def _make_sampler(self, chain: int) -> SGLD:
@@ -130,39 +180,31 @@ class SamplingEngine:
         self.weights.sync()
         losses[index] = loss.detach()
 
-    def run(self, chains: Optional[List[int]] = None) -> SamplingResult:
+    def run(self) -> SamplingResult:
+        """This process's chains, then the pooled moments, traces and summaries of all processes."""
         args = self.args
-        chains = list(range(args.num_chains)) if chains is None else chains
-        n_x_raw = self.x.size
-        n_y_raw = self.y.size if self.y is not None else 0
+        plan = self.state.plan(args.num_chains)
+        self.state.make_groups(plan)
+        self._plan = plan
+        self._lay = lay = self._layout(plan)
         f32 = {"dtype": torch.float32, "device": self.device}
-        shift_x = torch.empty(n_x_raw, **f32)
-        shift_y = torch.empty(n_y_raw, **f32)
-        self._evaluate(self.x, shift_x)
-        if self.y is not None:
-            self._evaluate(self.y, shift_y)
-        init_mean = float(shift_x.double().mean()) if n_x_raw else 0.0
-        if not math.isfinite(init_mean) or not bool(torch.isfinite(shift_y).all()):
+        shift = torch.empty(lay.n_x + lay.n_y, **f32)
+        self._evaluate(shift, None)
+        init_mean = float(shift[: lay.n_x].double().mean()) if lay.n_x else 0.0
+        if not math.isfinite(init_mean) or not bool(torch.isfinite(shift).all()):
             raise SamplerDivergenceError(
                 "The losses/measurements at the trained weights w* are not finite; BIF cannot start. "
                 "Check the model and the Task."
             )
-        self._limit = args.divergence_loss_ratio * init_mean if init_mean > 0 else math.inf
-        shift_x, shift_y = shift_x.double(), shift_y.double()
         self._init_mean = init_mean
-
-        dim_x = self._reduced_dim(self.x, n_x_raw)
-        dim_y = dim_x if self.y is None else self._reduced_dim(self.y, n_y_raw)
-        moments = CrossMoments(dim_x, dim_y, diagonal=self.diagonal, device=self.device)
-        block = args.draws_per_block
-        buf_x = torch.empty(block, n_x_raw, **f32)
-        buf_y = torch.empty(block, n_y_raw, **f32)
-        steps_per_chain = args.num_burnin_steps + args.num_draws * args.draw_interval
-        step_losses = torch.empty(steps_per_chain, **f32)
-        trace_x = torch.empty(len(chains), args.num_draws, dtype=torch.float64, device=self.device)
-        trace_y = torch.empty_like(trace_x)
-        summaries = []
-
+        self._limit = args.divergence_loss_ratio * init_mean if init_mean > 0 else math.inf
+        self._shift = shift.double()
+        self._buffer = torch.empty(args.draws_per_block, lay.n_x + lay.n_y, **f32)
+        self._step_losses = torch.empty(args.num_burnin_steps + args.num_draws * args.draw_interval, **f32)
+        traces = {
+            name: torch.zeros(args.num_chains, args.num_draws, dtype=torch.float64, device=self.device)
+            for name in TRACE_NAMES
+        }
         if args.sampler == "rmsprop_sgld" and args.num_burnin_steps == 0:
             warn_once(
                 "rmsprop-no-burnin",
@@ -170,91 +212,177 @@ class SamplingEngine:
                 "so early draws are biased. Set num_burnin_steps > 0 (the default is 100).",
             )
         bar = tqdm(
-            total=len(chains) * args.num_draws,
+            total=args.num_chains * args.num_draws,
             desc="Sampling BIF draws",
             bar_format=TQDM_BAR_FORMAT,
-            disable=self.disable_tqdm,
+            disable=self.disable_tqdm or not self.state.is_main_process,
         )
+        # the main process advances the bar for its whole group's share, so the ETA covers every process
+        self._bar, self._bar_scale = bar, args.num_chains / len(plan.chains)
+        total: Optional[CrossMoments] = None
+        summaries: List[Dict[str, Any]] = []
+        error: Optional[BaseException] = None
         try:
-            for ci, chain in enumerate(chains):
-                self.weights.reset()
-                sampler = self._make_sampler(chain)
-                self.stream.reset(torch.Generator().manual_seed(chain_seed(args.seed, chain) ^ 0x5EED))
-                step = 0
-                for _ in range(args.num_burnin_steps):
-                    self._sgld_step(sampler, step_losses, step)
-                    step += 1
-                if args.freeze_preconditioner:
-                    sampler.freeze()
-                self._checked_steps = 0
-                self._check_steps(step_losses[:step], chain)
-                filled, first_draw = 0, 0
-                for draw in range(args.num_draws):
-                    for _ in range(args.draw_interval):
-                        self._sgld_step(sampler, step_losses, step)
-                        step += 1
-                    self._evaluate(self.x, buf_x[filled])
-                    if self.y is not None:
-                        self._evaluate(self.y, buf_y[filled])
-                    filled += 1
-                    if filled == block or draw == args.num_draws - 1:
-                        bx, by = buf_x[:filled], buf_y[:filled]
-                        mean_x = bx.double().mean(1)
-                        self._raise_if_diverged(mean_x, bx, by, chain, first_draw)
-                        self._flush(moments, bx, by, shift_x, shift_y)
-                        trace_x[ci, first_draw : first_draw + filled] = mean_x
-                        trace_y[ci, first_draw : first_draw + filled] = by.double().mean(1) if n_y_raw else mean_x
-                        self._check_steps(step_losses[:step], chain)
-                        bar.update(filled)
-                        first_draw += filled
-                        filled = 0
-                summary = {
-                    "chain": chain,
-                    "initial_mean_loss": init_mean,
-                    "mean_loss": float(trace_x[ci].mean()),
-                    "final_distance_from_w_star": float(self.weights.distance_from_anchor()),
-                }
+            for chain in plan.chains:
+                moments, summary = self._run_chain(chain, traces)
+                total = moments if total is None else total.merge_(moments)
                 summaries.append(summary)
-                logger.info(
-                    "Chain %d: mean train loss %.4g at w*, %.4g over draws; distance from w* %.3g at the end.",
-                    chain,
-                    summary["initial_mean_loss"],
-                    summary["mean_loss"],
-                    summary["final_distance_from_w_star"],
-                )
+        except Exception as exc:  # noqa: BLE001 - every process must learn of it, or the others would hang
+            error = exc
         finally:
             bar.close()
-        traces = {"mean_train_loss": trace_x.cpu(), "mean_measurement": trace_y.cpu()}
-        return SamplingResult(moments=moments, chain_summaries=summaries, traces=traces)
+        self.state.raise_if_any_failed(error)
+        return self._pool(total, traces, summaries)
 
-    # ------------------------------------------------------------------ helpers
-    @staticmethod
-    def _reduced_dim(side: Side, n_raw: int) -> int:
-        if side.reduce is None:
-            return n_raw
-        return int(side.reduce(torch.zeros(1, n_raw)).shape[1])
+    def _run_chain(self, chain: int, traces: Dict[str, torch.Tensor]) -> Tuple[CrossMoments, Dict[str, Any]]:
+        args, lay = self.args, self._lay
+        own_x = lay.dim_x if lay.own is None else lay.own.numel()
+        own_y = own_x if self.diagonal else lay.dim_y
+        moments = CrossMoments(own_x, own_y, diagonal=self.diagonal, device=self.device)
+        self.weights.reset()
+        sampler = self._make_sampler(chain)
+        self.stream.reset(torch.Generator().manual_seed(chain_seed(args.seed, chain) ^ 0x5EED))
+        start, step = 0, 0
+        resumed = self.checkpoints.load(chain) if self.checkpoints is not None else None
+        if resumed is not None:
+            tensors, meta = resumed
+            moments = CrossMoments.from_state_dict(_prefixed(tensors, "moments."), self.device)
+            start, step = int(meta["draws_done"]), int(meta["steps_done"])
+            for name in TRACE_NAMES:
+                traces[name][chain, :start] = tensors[f"trace.{name}"].to(self.device)
+            self._bar.update(start * self._bar_scale)
+            if meta["done"]:
+                logger.info("Chain %d: complete in its checkpoint; not sampled again.", chain)
+                return moments, meta["summary"]
+            self.weights.load_masters_state(tensors)
+            sampler.load_state_dict(_prefixed(tensors, "sampler."))
+            self.stream.load_state_dict(_prefixed(tensors, "stream."))
+            logger.info("Chain %d: resuming from its checkpoint at draw %d of %d.", chain, start, args.num_draws)
+        else:
+            for _ in range(args.num_burnin_steps):
+                self._sgld_step(sampler, self._step_losses, step)
+                step += 1
+            if args.freeze_preconditioner:
+                sampler.freeze()
+        self._checked_steps = 0 if resumed is None else step
+        self._check_steps(self._step_losses[:step], chain)
+        filled, first = 0, start
+        for draw in range(start, args.num_draws):
+            for _ in range(args.draw_interval):
+                self._sgld_step(sampler, self._step_losses, step)
+                step += 1
+            self._evaluate(self._buffer[filled], lay.mine)
+            traces["distance_from_w_star"][chain, draw] = self.weights.distance_from_anchor()
+            filled += 1
+            if filled == args.draws_per_block or draw == args.num_draws - 1:
+                self._flush(moments, filled, chain, first, traces)
+                self._check_steps(self._step_losses[:step], chain)
+                self._bar.update(filled * self._bar_scale)
+                before, first, filled = first, first + filled, 0
+                if first < args.num_draws and self._checkpoint_due(before, first):
+                    self._save(chain, moments, traces, first, step, sampler, None)
+        summary = self._summary(chain, traces)
+        if self.checkpoints is not None:
+            self._save(chain, moments, traces, args.num_draws, step, None, summary)
+        if self._plan.is_group_leader:
+            logger.info(
+                "Chain %d: mean train loss %.4g at w*, %.4g over draws; distance from w* %.3g at the end, "
+                "%.3g at most.",
+                chain,
+                summary["initial_mean_loss"],
+                summary["mean_loss"],
+                summary["final_distance_from_w_star"],
+                summary["max_distance_from_w_star"],
+            )
+        return moments, summary
 
-    def _raise_if_diverged(self, means, bx, by, chain: int, first_draw: int) -> None:
+    def _checkpoint_due(self, before: int, after: int) -> bool:
+        every = self.args.checkpoint_interval
+        return self.checkpoints is not None and every > 0 and after // every > before // every
+
+    def _flush(self, moments: CrossMoments, filled: int, chain: int, first: int, traces: Dict[str, torch.Tensor]):
+        """Exchange the group's shards, check, shift by the values at w*, reduce, and add the block."""
+        lay = self._lay
+        block = self._buffer[:filled]
+        self.state.all_gather_columns(block, lay.gather_columns, self._plan.group_ranks)
+        bx, by = block[:, : lay.n_x], block[:, lay.n_x :]
+        mean_x = bx.double().mean(1)
+        self._raise_if_diverged(mean_x, block, chain, first)
+        traces["mean_train_loss"][chain, first : first + filled] = mean_x
+        traces["mean_measurement"][chain, first : first + filled] = by.double().mean(1) if lay.n_y else mean_x
+        x = bx.double() - self._shift[: lay.n_x]
+        if self.x.reduce is not None:
+            x = self.x.reduce(x)
+        if self.y is None:
+            y = x
+        else:
+            y = by.double() - self._shift[lay.n_x :]
+            if self.y.reduce is not None:
+                y = self.y.reduce(y)
+        if lay.own is not None:
+            x = x[:, lay.own]
+            y = y[:, lay.own] if self.diagonal else y
+        moments.update(x, y)
+
+    def _save(self, chain, moments, traces, draws_done, steps_done, sampler, summary) -> None:
+        tensors = {f"moments.{k}": v for k, v in moments.state_dict().items()}
+        tensors.update({f"trace.{n}": traces[n][chain, :draws_done] for n in TRACE_NAMES})
+        if sampler is not None:
+            tensors.update(self.weights.masters_state())
+            tensors.update({f"sampler.{k}": v for k, v in sampler.state_dict().items()})
+            tensors.update({f"stream.{k}": v for k, v in self.stream.state_dict().items()})
+        meta = {"draws_done": draws_done, "steps_done": steps_done, "done": summary is not None, "summary": summary}
+        self.checkpoints.save(chain, tensors, meta)
+
+    def _summary(self, chain: int, traces: Dict[str, torch.Tensor]) -> Dict[str, Any]:
+        distance = traces["distance_from_w_star"][chain]
+        return {
+            "chain": chain,
+            "initial_mean_loss": self._init_mean,
+            "mean_loss": float(traces["mean_train_loss"][chain].mean()),
+            "final_distance_from_w_star": float(distance[-1]),
+            "max_distance_from_w_star": float(distance.max()),
+        }
+
+    def _pool(self, total: CrossMoments, traces, summaries) -> SamplingResult:
+        """Add the sums of every process (each chain counted once: by the leader of its group)."""
+        plan, lay, state = self._plan, self._lay, self.state
+        if lay.own is not None:
+            full = CrossMoments(lay.dim_x, lay.dim_y, diagonal=self.diagonal, device=self.device)
+            full.sum_x[lay.own] = total.sum_x
+            full.sum_xx[lay.own] = total.sum_xx
+            if self.diagonal:
+                for name in ("sum_y", "sum_yy", "sum_xy"):
+                    getattr(full, name)[lay.own] = getattr(total, name)
+            else:
+                full.sum_xy[:, lay.own] = total.sum_xy
+                if plan.is_group_leader:
+                    full.sum_y.copy_(total.sum_y)
+                    full.sum_yy.copy_(total.sum_yy)
+            full.count = total.count
+            total = full
+        if state.distributed:
+            count = torch.tensor([total.count if plan.is_group_leader else 0], dtype=torch.float64)
+            if not plan.is_group_leader:
+                for t in traces.values():
+                    t.zero_()
+            state.all_reduce_sum_(
+                [count, total.sum_x, total.sum_y, total.sum_xx, total.sum_yy, total.sum_xy, *traces.values()]
+            )
+            total.count = int(count.item())
+            gathered = state.all_gather_object(summaries if plan.is_group_leader else [])
+            summaries = sorted((s for part in gathered for s in part), key=lambda s: s["chain"])
+        return SamplingResult(moments=total, chain_summaries=summaries, traces={k: v.cpu() for k, v in traces.items()})
+
+    # ------------------------------------------------------------------ checks
+    def _raise_if_diverged(self, means, block, chain: int, first_draw: int) -> None:
         """Non-finite values, or a draw whose mean train loss passed divergence_loss_ratio times its value at w*."""
-        finite = torch.isfinite(bx).all(1) & torch.isfinite(by).all(1)
+        finite = torch.isfinite(block).all(1)
         bad = (~finite) | (means > self._limit)
         if bool(bad.any()):
             k = int(bad.nonzero()[0, 0])
             what = "non-finite losses" if not bool(finite[k]) else f"mean train loss {float(means[k]):.4g}"
             self._raise(chain, f"draw {first_draw + k}", what)
-
-    def _flush(self, moments: CrossMoments, bx, by, shift_x, shift_y) -> None:
-        """Shift (by the float64 values at w*), reduce, and add a block of draws to the moments."""
-        x = bx.double() - shift_x
-        if self.x.reduce is not None:
-            x = self.x.reduce(x)
-        if self.y is None:
-            moments.update(x, x)
-            return
-        y = by.double() - shift_y
-        if self.y.reduce is not None:
-            y = self.y.reduce(y)
-        moments.update(x, y)
 
     def _check_steps(self, losses: torch.Tensor, chain: int) -> None:
         """Non-finite minibatch losses among the steps not checked yet."""
@@ -272,3 +400,13 @@ class SamplingEngine:
             f"`step_size` (now {a.step_size:g}) or `nbeta` (now {a.nbeta:g}), or raise `localization` "
             f"(now {a.localization:g}) in BIFArguments. No scores were written; the model is unchanged."
         )
+
+
+def _reduced_dim(side: Side, n_raw: int) -> int:
+    if side.reduce is None:
+        return n_raw
+    return int(side.reduce(torch.zeros(1, n_raw)).shape[1])
+
+
+def _prefixed(tensors: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}

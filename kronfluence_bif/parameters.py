@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -82,6 +82,16 @@ class SampledWeights:
         diffs = torch._foreach_sub(self.masters, self.anchors)
         norms = torch._foreach_norm(diffs)
         return torch.stack(norms).square().sum().sqrt()
+
+    def masters_state(self) -> Dict[str, torch.Tensor]:
+        return {f"master.{i}": m for i, m in enumerate(self.masters)}
+
+    @torch.no_grad()
+    def load_masters_state(self, state: Dict[str, torch.Tensor]) -> None:
+        """Put a checkpoint's weights into the masters and the model (resume)."""
+        for i, master in enumerate(self.masters):
+            master.copy_(state[f"master.{i}"])
+        self.sync()
 
     def __exit__(self, *exc: Any) -> None:
         with torch.no_grad():

@@ -12,7 +12,7 @@ exactly; an adapting G biases it (sgld-notes.md), hence `freeze()` after burn-in
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -66,6 +66,14 @@ class SGLD:
     def freeze(self) -> None:
         """Nothing adapts in plain SGLD."""
 
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        """What a resumed chain needs besides the weights: the step count and the noise generator."""
+        return {"num_steps": torch.tensor([self.num_steps]), "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        self.num_steps = int(state["num_steps"][0])
+        self.generator.set_state(state["generator"])
+
 
 class RMSpropSGLD(SGLD):
     """Preconditioned SGLD; `freeze()` stops adapting the preconditioner (call it after burn-in)."""
@@ -110,6 +118,21 @@ class RMSpropSGLD(SGLD):
         noise = torch._foreach_mul(self._sample_noise(), noise_scale)
         torch._foreach_add_(self.params, noise, alpha=math.sqrt(self.step_size))
         self.num_steps += 1
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        state = super().state_dict()
+        state["frozen"] = torch.tensor([int(self.frozen)])
+        state.update({f"square_avg.{i}": v for i, v in enumerate(self.square_avg)})
+        return state
+
+    def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        super().load_state_dict(state)
+        with torch.no_grad():
+            for i, v in enumerate(self.square_avg):
+                v.copy_(state[f"square_avg.{i}"])
+        self.frozen = False
+        if int(state["frozen"][0]):
+            self.freeze()
 
     def freeze(self) -> None:
         self.frozen = True

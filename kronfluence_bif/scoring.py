@@ -17,7 +17,9 @@ from torch.utils import data
 
 from kronfluence_bif import storage
 from kronfluence_bif.arguments import BIFArguments
+from kronfluence_bif.checkpoints import CheckpointStore, fingerprint, remove_checkpoints
 from kronfluence_bif.data import DatasetOnDevice, MinibatchStream
+from kronfluence_bif.distributed import ProcessState, process_state, unwrap_model
 from kronfluence_bif.engine import SamplingEngine, SamplingResult, Side
 from kronfluence_bif.logs import logger, warn_once
 from kronfluence_bif.loss_views import LossViews
@@ -186,7 +188,7 @@ class BIFScorer:
     """Computes and writes BIF scores for one request; owned by the Analyzer."""
 
     def __init__(self, model: nn.Module, task: Any, analysis_dir: Path, disable_tqdm: bool) -> None:
-        self.model = model
+        self.model = unwrap_model(model)
         self.task = task
         self.analysis_dir = analysis_dir
         self.disable_tqdm = disable_tqdm
@@ -200,8 +202,8 @@ class BIFScorer:
             logger.info("Found existing %s scores at `%s`. Skipping.", req.kind, out)
             return storage.load_tensors(final)
         validate_request(req)
-        out.mkdir(parents=True, exist_ok=True)
-        self._record_arguments(out, req, factor_args, bif_args)
+        state = process_state(self.model)
+        state.on_main(self._prepare_folder, out, req, factor_args, bif_args)
         args = apply_kronfluence_overrides(req)
 
         scored = (
@@ -218,20 +220,38 @@ class BIFScorer:
                 logger.info("Found existing %s scores for data partition %d at `%s`. Skipping.", req.kind, p, out)
         else:
             todo = [0]
+        state.barrier()  # nobody writes a partition before everyone has decided what to compute
 
         if todo:
             start = time.time()
             columns = [i for p in todo for i in range(*bounds[p])]
-            result = self._sample(req, args, bif_args, [scored[i] for i in columns], todo, bounds)
+            tag = f"{req.kind}_" + ("partitions" + "-".join(map(str, todo)) if partitioned else "all")
+            result = self._sample(req, args, bif_args, [scored[i] for i in columns], todo, bounds, state, out, tag)
             scores = result.moments.correlation() if bif_args.normalize else result.moments.covariance()
             logger.info("Computed BIF %s scores in %.2f seconds.", req.kind, time.time() - start)
-            self._write(out, req.kind, args, bif_args, scores, todo, bounds, partitioned)
-            self._write_diagnostics(out, result)
+            state.on_main(self._write_results, out, req.kind, args, bif_args, scores, todo, bounds, partitioned, result)
+            if not bif_args.keep_checkpoints:
+                state.on_main(remove_checkpoints, out, tag)
         if partitioned:
-            aggregated = aggregate_partitions(out, req.kind, args, bif_args)
+            aggregated = state.on_main(aggregate_partitions, out, req.kind, args, bif_args)
             if aggregated is None:
                 logger.info("Scores are not aggregated as scores for some partitions are not yet computed.")
         return None
+
+    def _prepare_folder(
+        self, out: Path, req: ScoreRequest, factor_args: FactorArguments, bif_args: BIFArguments
+    ) -> None:
+        """Record (or check) the arguments; clear what an overwrite replaces and what a killed write left."""
+        out.mkdir(parents=True, exist_ok=True)
+        self._record_arguments(out, req, factor_args, bif_args)
+        if req.overwrite_output_dir:
+            remove_checkpoints(out)
+        storage.remove_temporaries(out)
+
+    def _write_results(self, out, kind, args, bif_args, scores, todo, bounds, partitioned, result) -> None:
+        """Diagnostics first, scores last: an existing score file always means a complete run."""
+        self._write_diagnostics(out, result)
+        self._write(out, kind, args, bif_args, scores, todo, bounds, partitioned)
 
     # ------------------------------------------------------------------ arguments and metadata
     def _record_arguments(
@@ -259,6 +279,9 @@ class BIFScorer:
         train_rows: List[int],
         todo: List[int],
         bounds: List[Tuple[int, int]],
+        state: ProcessState,
+        out: Path,
+        tag: str,
     ) -> SamplingResult:
         device = next(self.model.parameters()).device
         views = LossViews(self.task)
@@ -289,13 +312,28 @@ class BIFScorer:
             y = Side(train_data.batches(train_rows, eval_bs), views.measurement)
         params = select_parameters(self.model, self.task.get_influence_tracked_modules())
         logger.info(
-            "Sampling %d parameter tensors (%d weights) with %s: %d chains x %d draws.",
+            "Sampling %d parameter tensors (%d weights) with %s: %d chains x %d draws on %d process(es).",
             len(params),
             sum(p.numel() for _, p in params),
             bif_args.sampler,
             bif_args.num_chains,
             bif_args.num_draws,
+            state.num_processes,
         )
+        plan = state.plan(bif_args.num_chains)
+        checkpoints = None
+        if bif_args.checkpoint_interval > 0:
+            content = {
+                "bif": bif_args.to_dict(),
+                "score": args.to_dict(),
+                "kind": req.kind,
+                "tag": tag,
+                "train": storage.dataset_metadata(req.train_dataset, req.train_indices),
+                "query": None
+                if req.query_dataset is None
+                else storage.dataset_metadata(req.query_dataset, req.query_indices),
+            }
+            checkpoints = CheckpointStore(out, tag, fingerprint(content), plan.shard, plan.num_shards)
         with SampledWeights(self.model, params) as weights:
             engine = SamplingEngine(
                 self.model,
@@ -308,6 +346,8 @@ class BIFScorer:
                 diagonal=req.kind == "self",
                 amp_dtype=as_dtype(args.amp_dtype),
                 disable_tqdm=self.disable_tqdm,
+                state=state,
+                checkpoints=checkpoints,
             )
             engine.check_views()
             return engine.run()

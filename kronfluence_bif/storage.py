@@ -134,3 +134,12 @@ def remove_stale_partitions(output_dir: Path, kind: str) -> List[Path]:
         path.unlink()
         removed.append(path)
     return removed
+
+
+def remove_temporaries(folder: Path) -> List[Path]:
+    """Remove the temporary files of writes that a killed process left behind (never readable as results)."""
+    removed = []
+    for path in folder.glob(".*.tmp"):
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed

@@ -1,0 +1,118 @@
+"""One BIF run (pairwise + self scores) for the multi-process and resume tests; launched by python or torchrun.
+
+    python tests/scripts/run_bif.py --data DIR --out DIR [--chains C] [--draws N] [--checkpoint-interval K]
+        [--slow SECONDS] [--hang-final-write MARKER] [--ddp] [--only pairwise]
+
+Every process logs the files it writes to `<out>/writes_rank<r>.txt` so the tests can check that one
+process writes the results. `--slow` sleeps after each evaluation (to be killed mid-sampling);
+`--hang-final-write` stops forever inside the write of `pairwise_scores.safetensors`, after its temporary
+file is complete and before the rename.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+from kronfluence import prepare_model
+from safetensors.torch import load_file
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import kronfluence_bif.storage as storage
+from kronfluence_bif import Analyzer, BIFArguments
+from kronfluence_bif.engine import SamplingEngine
+from kronfluence_bif.tasks import RegressionTask
+
+
+def build_model(state: dict) -> nn.Module:
+    d, h = state["0.weight"].shape[1], state["0.weight"].shape[0]
+    model = nn.Sequential(nn.Linear(d, h), nn.Tanh(), nn.Linear(h, 1))
+    model.load_state_dict(state)
+    return model
+
+
+def instrument(out: Path, rank: int, slow: float, hang_marker: str) -> None:
+    log = out / f"writes_rank{rank}.txt"
+    real_save_file, real_save_json = storage.save_file, storage.save_json
+
+    def save_file(tensors, filename, metadata=None):
+        real_save_file(tensors, filename, metadata=metadata)
+        with open(log, "a") as f:
+            f.write(f"{filename}\n")
+        if hang_marker and Path(filename).name.startswith(".pairwise_scores.safetensors."):
+            Path(hang_marker).write_text(str(filename))
+            time.sleep(3600)
+
+    def save_json(obj, path):
+        real_save_json(obj, path)
+        with open(log, "a") as f:
+            f.write(f"{path}\n")
+
+    storage.save_file, storage.save_json = save_file, save_json
+    if slow > 0:
+        real_evaluate = SamplingEngine._evaluate
+
+        def evaluate(self, row, mine):
+            real_evaluate(self, row, mine)
+            time.sleep(slow)
+
+        SamplingEngine._evaluate = evaluate
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--chains", type=int, default=4)
+    parser.add_argument("--draws", type=int, default=64)
+    parser.add_argument("--checkpoint-interval", type=int, default=100)
+    parser.add_argument("--slow", type=float, default=0.0)
+    parser.add_argument("--hang-final-write", default="")
+    parser.add_argument("--ddp", action="store_true")
+    parser.add_argument("--only", default="")
+    opts = parser.parse_args()
+    torch.set_num_threads(1)
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    logging.getLogger("kronfluence_bif").setLevel(logging.INFO)
+    rank = int(os.environ.get("RANK", "0"))
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    instrument(out, rank, opts.slow, opts.hang_final_write)
+
+    data = load_file(str(Path(opts.data) / "data.safetensors"))
+    train = TensorDataset(data["x_train"], data["y_train"])
+    query = TensorDataset(data["x_query"], data["y_query"])
+    task = RegressionTask()
+    model = prepare_model(build_model(load_file(str(Path(opts.data) / "model.safetensors"))), task)
+    if opts.ddp:
+        from accelerate import PartialState
+
+        PartialState(cpu=True)  # initialises gloo under torchrun
+        model = nn.parallel.DistributedDataParallel(model)
+    bif_args = BIFArguments(
+        num_chains=opts.chains,
+        num_draws=opts.draws,
+        num_burnin_steps=20,
+        sampler_batch_size=16,
+        draws_per_block=16,
+        checkpoint_interval=opts.checkpoint_interval,
+        step_size=1e-3,
+        nbeta=100.0,
+        localization=100.0,
+    )
+    # kronfluence refuses cpu=True with a DDP-wrapped model; without CUDA its device is the CPU anyway
+    analyzer = Analyzer("dist", model, task, cpu=not opts.ddp, output_dir=str(out), disable_tqdm=True, strategy="bif")
+    analyzer.fit_all_factors("bif", train, bif_args=bif_args)
+    kw = dict(per_device_train_batch_size=8)
+    analyzer.compute_pairwise_scores("pw", "bif", query, train, per_device_query_batch_size=4, **kw)
+    if opts.only != "pairwise":
+        analyzer.compute_self_scores("self", "bif", train, **kw)
+
+
+if __name__ == "__main__":
+    main()

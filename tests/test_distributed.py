@@ -1,0 +1,192 @@
+"""Multi-process sampling (torchrun, gloo on CPU), resume after SIGKILL, and crash-safe writes.
+
+Every run goes through `tests/scripts/run_bif.py` in a subprocess with one thread per process, so the
+same chain computes bit-identical values whichever process runs it; what may differ between layouts is only
+the float64 summation order of the pooled sums (relative 1e-15), far inside the 1e-5 asked for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from kronfluence_bif import storage
+
+SCRIPT = Path(__file__).parent / "scripts" / "run_bif.py"
+ROOT = Path(__file__).resolve().parents[1]
+SCORE_DIRS = {"pairwise": "dist/scores_pw", "self": "dist/scores_self"}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """A small trained MLP and its data, shared by every subprocess."""
+    folder = tmp_path_factory.mktemp("dist_data")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(70, 4, generator=g)
+    y = (x @ torch.randn(4, 1, generator=g)).tanh() + 0.1 * torch.randn(70, 1, generator=g)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(300):
+        opt.zero_grad()
+        ((model(x[:60]) - y[:60]) ** 2).mean().backward()
+        opt.step()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+    save_file(
+        {"x_train": x[:60], "y_train": y[:60], "x_query": x[60:], "y_query": y[60:]}, str(folder / "data.safetensors")
+    )
+    return folder
+
+
+def _env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def _command(nproc: int, data_dir: Path, out: Path, *extra: str) -> list:
+    args = [str(SCRIPT), "--data", str(data_dir), "--out", str(out), *extra]
+    if nproc == 1:
+        return [sys.executable, *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+
+
+def run(nproc: int, data_dir: Path, out: Path, *extra: str) -> str:
+    """Run to completion; returns the log."""
+    proc = subprocess.run(
+        _command(nproc, data_dir, out, *extra), env=_env(), capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+def start(nproc: int, data_dir: Path, out: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        _command(nproc, data_dir, out, *extra),
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def kill(proc: subprocess.Popen) -> None:
+    """SIGKILL the launcher and every worker (torchrun starts its workers in sessions of their own)."""
+    family = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+    for pid in family:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    psutil.wait_procs([p for p in map(_process, family) if p is not None], timeout=30)
+
+
+def _process(pid: int):
+    try:
+        return psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return None
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        assert proc.poll() is None, "the run ended before the moment the test waits for"
+        assert time.time() < deadline, "timed out waiting"
+        time.sleep(0.05)
+
+
+def scores(out: Path, kind: str) -> torch.Tensor:
+    return storage.load_tensors(out / SCORE_DIRS[kind] / f"{kind}_scores.safetensors")["all_modules"]
+
+
+def listing(out: Path) -> set:
+    return {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and not p.name.startswith("writes_rank")}
+
+
+def max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+
+
+@pytest.fixture(scope="module")
+def reference(data_dir, tmp_path_factory):
+    """One process, 4 chains: the result every other layout must reproduce."""
+    out = tmp_path_factory.mktemp("ref")
+    run(1, data_dir, out)
+    return out
+
+
+def test_two_processes_equal_one(data_dir, reference, tmp_path):
+    run(2, data_dir, tmp_path)
+    for kind in SCORE_DIRS:
+        assert max_rel_diff(scores(tmp_path, kind), scores(reference, kind)) < 1e-5
+        traces = storage.load_tensors(tmp_path / SCORE_DIRS[kind] / "bif_traces.safetensors")
+        ref_traces = storage.load_tensors(reference / SCORE_DIRS[kind] / "bif_traces.safetensors")
+        for name, value in ref_traces.items():
+            assert torch.allclose(traces[name], value, rtol=1e-12, atol=0), name
+    # the same complete set of files, no temporaries, no checkpoints left behind
+    assert listing(tmp_path) == listing(reference)
+    assert not [p for p in listing(tmp_path) if p.endswith(".tmp") or "bif_checkpoints" in p]
+    # exactly one writer of results: rank 1 wrote nothing but its own chains' checkpoints
+    rank1 = (tmp_path / "writes_rank1.txt").read_text().split()
+    assert rank1 and all("bif_checkpoints" in line for line in rank1)
+    rank0 = (tmp_path / "writes_rank0.txt").read_text().split()
+    assert any("pairwise_scores.safetensors" in line for line in rank0)
+
+
+def test_three_processes_two_chains_shard_evaluation(data_dir, tmp_path):
+    """P > C: all three processes run both chains and split the evaluation; the DDP wrapper is unwrapped."""
+    reference = tmp_path / "ref"
+    run(1, data_dir, reference, "--chains", "2")
+    run(3, data_dir, tmp_path / "three", "--chains", "2", "--ddp")
+    for kind in SCORE_DIRS:
+        assert max_rel_diff(scores(tmp_path / "three", kind), scores(reference, kind)) < 1e-5
+
+
+@pytest.mark.slow
+def test_four_processes_two_chains_use_groups(data_dir, tmp_path):
+    """P=4, C=2: two groups of two processes, each group sharding the evaluation of its chain."""
+    reference = tmp_path / "ref"
+    run(1, data_dir, reference, "--chains", "2")
+    run(4, data_dir, tmp_path / "four", "--chains", "2")
+    for kind in SCORE_DIRS:
+        assert max_rel_diff(scores(tmp_path / "four", kind), scores(reference, kind)) < 1e-5
+
+
+def test_killed_run_resumes_to_the_uninterrupted_scores(data_dir, reference, tmp_path):
+    """SIGKILL two processes after a checkpoint exists; one process resumes and finishes the same computation."""
+    ckpt = tmp_path / SCORE_DIRS["pairwise"] / "bif_checkpoints"
+    proc = start(2, data_dir, tmp_path, "--checkpoint-interval", "16", "--slow", "0.02")
+    wait_for(lambda: ckpt.is_dir() and any(ckpt.glob("*.safetensors")), proc)
+    kill(proc)
+    assert not (tmp_path / SCORE_DIRS["pairwise"] / "pairwise_scores.safetensors").exists()
+    partial = [storage.load_metadata(p) for p in ckpt.glob("*.safetensors")]
+    assert any('"done": false' in m["meta"] for m in partial)  # killed mid-chain, not between chains
+    log = run(1, data_dir, tmp_path, "--checkpoint-interval", "16")
+    assert "resuming from its checkpoint at draw" in log
+    for kind in SCORE_DIRS:
+        assert torch.allclose(scores(tmp_path, kind), scores(reference, kind), rtol=1e-12, atol=0)
+    assert not ckpt.exists()  # removed once the final file is written
+
+
+def test_kill_during_final_write_leaves_no_result(data_dir, reference, tmp_path):
+    marker = tmp_path / "hanging"
+    out = tmp_path / "run"
+    proc = start(1, data_dir, out, "--hang-final-write", str(marker), "--only", "pairwise")
+    wait_for(marker.exists, proc)
+    kill(proc)
+    folder = out / SCORE_DIRS["pairwise"]
+    assert not (folder / "pairwise_scores.safetensors").exists()
+    assert list(folder.glob(".pairwise_scores.safetensors.*.tmp"))  # the write really was under way
+    assert (folder / "bif_traces.safetensors").exists()  # written before the scores, which commit the run
+    log = run(1, data_dir, out, "--only", "pairwise")
+    assert "complete in its checkpoint; not sampled again" in log  # the kill lost no sampling
+    assert torch.allclose(scores(out, "pairwise"), scores(reference, "pairwise"), rtol=1e-12, atol=0)
+    assert not list(folder.glob("*.tmp")) and not list(folder.glob(".*.tmp"))
