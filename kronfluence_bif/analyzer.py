@@ -92,7 +92,7 @@ class Analyzer(KronfluenceAnalyzer):
 
         def record() -> None:
             folder.mkdir(parents=True, exist_ok=True)
-            storage.save_or_check_json(folder / "factor_arguments.json", factor_args.to_dict(), "arguments", ow)
+            storage.save_or_check_json(folder / storage.FACTOR_ARGUMENTS_FILE, factor_args.to_dict(), "arguments", ow)
             storage.save_or_check_json(folder / storage.BIF_ARGUMENTS_FILE, bif_args.to_dict(), "BIF arguments", ow)
 
         process_state(self.model).on_main(record)  # one writer; a mismatch raises on every process

@@ -37,9 +37,6 @@ IGNORED_SCORE_FIELDS = {
     "precondition_dtype": "BIF has no preconditioner",
 }
 
-BIF_TRACES_FILE = "bif_traces.safetensors"
-BIF_DIAGNOSTICS_FILE = "bif_diagnostics.json"
-
 
 @dataclass
 class ScoreRequest:
@@ -261,14 +258,14 @@ class BIFScorer:
         if ow:
             storage.score_file(out, req.kind).unlink(missing_ok=True)
             storage.remove_stale_partitions(out, req.kind)
-        storage.save_or_check_json(out / "score_arguments.json", req.score_args.to_dict(), "arguments", ow)
-        storage.save_or_check_json(out / "factor_arguments.json", factor_args.to_dict(), "arguments", ow)
+        storage.save_or_check_json(out / storage.SCORE_ARGUMENTS_FILE, req.score_args.to_dict(), "arguments", ow)
+        storage.save_or_check_json(out / storage.FACTOR_ARGUMENTS_FILE, factor_args.to_dict(), "arguments", ow)
         storage.save_or_check_json(out / storage.BIF_ARGUMENTS_FILE, bif_args.to_dict(), "BIF arguments", ow)
         if req.kind == "pairwise":
             meta = storage.dataset_metadata(req.query_dataset, req.query_indices)
-            storage.save_or_check_json(out / "query_dataset_metadata.json", meta, "dataset metadata", ow)
+            storage.save_or_check_json(out / storage.DATASET_METADATA_FILES["query"], meta, "dataset metadata", ow)
         meta = storage.dataset_metadata(req.train_dataset, req.train_indices)
-        storage.save_or_check_json(out / "train_dataset_metadata.json", meta, "dataset metadata", ow)
+        storage.save_or_check_json(out / storage.DATASET_METADATA_FILES["train"], meta, "dataset metadata", ow)
 
     # ------------------------------------------------------------------ sampling
     def _sample(
@@ -385,8 +382,8 @@ class BIFScorer:
 
     @staticmethod
     def _write_diagnostics(out: Path, result: SamplingResult) -> None:
-        storage.save_tensors(out / BIF_TRACES_FILE, result.traces)
-        storage.save_json({"chains": result.chain_summaries}, out / BIF_DIAGNOSTICS_FILE)
+        storage.save_tensors(out / storage.BIF_TRACES_FILE, result.traces)
+        storage.save_json({"chains": result.chain_summaries}, out / storage.BIF_DIAGNOSTICS_FILE)
 
 
 def header_metadata(args: ScoreArguments, bif_args: BIFArguments) -> Dict[str, str]:

@@ -21,6 +21,11 @@ FACTOR_PREFIX = "factors_"
 SCORE_PREFIX = "scores_"
 ALL_MODULES = "all_modules"
 BIF_ARGUMENTS_FILE = "bif_arguments.json"
+BIF_TRACES_FILE = "bif_traces.safetensors"
+BIF_DIAGNOSTICS_FILE = "bif_diagnostics.json"
+FACTOR_ARGUMENTS_FILE = "factor_arguments.json"
+SCORE_ARGUMENTS_FILE = "score_arguments.json"
+DATASET_METADATA_FILES = {"query": "query_dataset_metadata.json", "train": "train_dataset_metadata.json"}
 BIF_HEADER_KEY = "bif_arguments"
 
 Partition = Optional[Tuple[int, int]]
