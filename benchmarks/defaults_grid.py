@@ -18,13 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.stats import spearmanr
 from torch.utils.data import TensorDataset
 
 from kronfluence_bif import Analyzer, BIFArguments, ClassificationTask, FactorArguments, RegressionTask, prepare_model
 from kronfluence_bif.demo.__main__ import agreement as demo_agreement
 from kronfluence_bif.demo.digits import load_digits_split, train_classifier
 from kronfluence_bif.demo.uci import load_concrete, train_mlp
+from kronfluence_bif.lds import linear_datamodeling_score
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
@@ -72,8 +72,7 @@ def retrain_losses(train, fit, query_losses, k: int, cache: Path):
 
 
 def lds(scores, masks, losses):
-    pred = -masks @ scores.T
-    return float(np.nanmean([spearmanr(pred[:, j], losses[:, j]).statistic for j in range(scores.shape[0])]))
+    return linear_datamodeling_score(scores, masks, losses).mean
 
 
 def agreement(ref, scores):

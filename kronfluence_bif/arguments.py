@@ -58,7 +58,9 @@ class BIFArguments:
         "Freeze RMSprop-SGLD's preconditioner after burn-in (an adapting one biases the covariance).", default=True
     )
     divergence_loss_ratio: float = _help(
-        "Stop with an error when a draw's mean train loss exceeds this multiple of its value at w*.", default=1000.0
+        "Stop with an error when a draw's mean train loss exceeds this multiple of the larger of its value at w* and "
+        "the thermal scale num_sampled_weights / (2 nbeta).",
+        default=1000.0,
     )
     draws_per_block: int = _help("Draws buffered before one float64 GEMM updates the moments.", default=32)
     cache_batches: bool = _help(

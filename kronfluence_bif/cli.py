@@ -35,7 +35,7 @@ def _version() -> str:
     return version if version else importlib.metadata.version("kronfluence-bif")
 
 
-def _int_at_least(minimum: int):
+def int_at_least(minimum: int):
     """An argparse type: an integer >= `minimum`, with argparse's usage error otherwise."""
 
     def parse(text: str) -> int:
@@ -168,7 +168,19 @@ def format_diagnostics(folder: Union[str, Path]) -> str:
         )
     lines = [f"BIF sampling diagnostics of {folder}"]
     if diagnostics_path.exists():
-        chains = storage.load_json(diagnostics_path).get("chains", [])
+        report = storage.load_json(diagnostics_path)
+        chains = report.get("chains", [])
+        rhat, sharp = report.get("rhat_mean_train_loss"), report.get("sharpness")
+        if rhat is not None:
+            lines.append(f"Split R-hat of the mean train loss: {_fmt(float(rhat))} (fine below 1.1)")
+        if sharp:
+            lines.append(
+                f"step_size x largest preconditioned curvature: {_fmt(sharp['step_size_times_lambda_max'])} "
+                "(fine below 2)"
+            )
+        warnings = report.get("warnings", [])
+        lines.append(f"Warnings: {len(warnings)}" + ("" if warnings else " (none)"))
+        lines.extend(f"  [{w['code']}] {w['message']}" for w in warnings)
         keys: List[str] = []
         for summary in chains:
             keys.extend(key for key in summary if key not in keys)
@@ -221,6 +233,14 @@ def _run_inspect(args: argparse.Namespace) -> int:
 
 def _run_diagnose(args: argparse.Namespace) -> int:
     print(format_diagnostics(args.folder))
+    if args.plot:
+        from kronfluence_bif.diagnostics import plot_traces
+
+        traces = storage.load_tensors(Path(args.folder).expanduser() / BIF_TRACES_FILE)
+        print(f"Wrote {plot_traces(traces, args.plot, title=str(args.folder))}")
+    if args.strict:
+        report = storage.load_json(Path(args.folder).expanduser() / BIF_DIAGNOSTICS_FILE)
+        return 1 if report.get("warnings") else 0
     return 0
 
 
@@ -246,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--min-topk-overlap", type=float, default=None, help="fail when the mean top-k overlap (most helpful) is lower"
     )
-    p.add_argument("--k", type=_int_at_least(1), default=10, help="size of the top-k sets (default: 10)")
+    p.add_argument("--k", type=int_at_least(1), default=10, help="size of the top-k sets (default: 10)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(handler=_run_compare)
 
@@ -257,18 +277,21 @@ def build_parser() -> argparse.ArgumentParser:
         "scores for one query (kronfluence sign). For a self-score folder: highest and lowest self-influence.",
     )
     p.add_argument("folder", help="a scores_<name> folder or a .safetensors score file")
-    p.add_argument("--query", type=_int_at_least(0), default=None, help="row of the score matrix (default: 0)")
-    p.add_argument("--top", type=_int_at_least(1), default=10, help="number of examples per list (default: 10)")
+    p.add_argument("--query", type=int_at_least(0), default=None, help="row of the score matrix (default: 0)")
+    p.add_argument("--top", type=int_at_least(1), default=10, help="number of examples per list (default: 10)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(handler=_run_inspect)
 
     p = commands.add_parser(
         "diagnose",
         help="BIF sampling diagnostics of a score folder",
-        description=f"Print the per-chain summaries ({BIF_DIAGNOSTICS_FILE}) and per-chain trace means "
-        f"({BIF_TRACES_FILE}) of a folder scored with strategy 'bif'.",
+        description=f"Print R-hat, the step-size/curvature check, sampler warnings, the per-chain summaries "
+        f"({BIF_DIAGNOSTICS_FILE}) and per-chain trace means ({BIF_TRACES_FILE}) of a folder scored with strategy "
+        "'bif'.",
     )
     p.add_argument("folder", help="a scores_<name> folder written with strategy 'bif'")
+    p.add_argument("--plot", metavar="PNG", default="", help="also draw the traces (one panel each) into this PNG")
+    p.add_argument("--strict", action="store_true", help="exit 1 when the run recorded sampler warnings (for CI)")
     p.set_defaults(handler=_run_diagnose)
     return parser
 

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from kronfluence_bif.arguments import BIFArguments
 from kronfluence_bif.checkpoints import CheckpointStore
 from kronfluence_bif.data import EvalBatches, MinibatchStream
+from kronfluence_bif.diagnostics import preconditioned_sharpness
 from kronfluence_bif.distributed import ProcessState, WorkPlan, split_evenly
 from kronfluence_bif.errors import SamplerDivergenceError
 from kronfluence_bif.logs import logger, warn_once
@@ -34,7 +35,15 @@ from kronfluence_bif.sampler import SGLD, RMSpropSGLD
 TQDM_BAR_FORMAT = (
     "{desc} [{n_fmt}/{total_fmt}] {percentage:3.0f}%|{bar}{postfix} [time left: {remaining}, time spent: {elapsed}]"
 )
-TRACE_NAMES = ("mean_train_loss", "mean_measurement", "distance_from_w_star")
+TRACE_NAMES = (
+    "mean_train_loss",
+    "mean_measurement",
+    "distance_from_w_star",
+    "gradient_step_norm",  # |eps/2 G nbeta/m sum grad|: the move towards lower loss in the step before a draw
+    "localization_step_norm",  # |eps/2 G gamma (w - w*)|: the pull back towards w*
+    "noise_step_norm",  # |sqrt(eps G) xi|: the injected noise
+)
+NORM_TRACES = TRACE_NAMES[3:]
 
 
 def chain_seed(seed: int, chain: int) -> int:
@@ -64,6 +73,7 @@ class SamplingResult:
     moments: CrossMoments
     chain_summaries: List[Dict[str, float]] = field(default_factory=list)
     traces: Dict[str, torch.Tensor] = field(default_factory=dict)
+    sharpness: Optional[float] = None  # largest preconditioned curvature after burn-in (diagnostics)
 
 
 @dataclass
@@ -110,6 +120,7 @@ class SamplingEngine:
         self.checkpoints = checkpoints
         self.device = weights.params[0].device
         self._checked_steps = 0
+        self._sharpness: Optional[float] = None
 
     # ------------------------------------------------------------------ evaluation
     def _autocast(self):
@@ -197,7 +208,11 @@ class SamplingEngine:
                 "Check the model and the Task."
             )
         self._init_mean = init_mean
-        self._limit = args.divergence_loss_ratio * init_mean if init_mean > 0 else math.inf
+        # the loss a healthy chain reaches is about L(w*) + d / (2 nbeta) (equipartition), so the limit scales the
+        # larger of the two: a model that interpolates (L(w*) ~ 0) must not trip it on its first draw
+        thermal = sum(p.numel() for p in self.weights.params) / (2.0 * args.nbeta)
+        self._scale = max(init_mean, thermal)
+        self._limit = args.divergence_loss_ratio * self._scale if self._scale > 0 else math.inf
         self._shift = shift.double()
         self._buffer = torch.empty(args.draws_per_block, lay.n_x + lay.n_y, **f32)
         self._step_losses = torch.empty(args.num_burnin_steps + args.num_draws * args.draw_interval, **f32)
@@ -264,15 +279,20 @@ class SamplingEngine:
                 step += 1
             if args.freeze_preconditioner:
                 sampler.freeze()
+            if self._sharpness is None:
+                self._sharpness = self._estimate_sharpness(sampler)
         self._checked_steps = 0 if resumed is None else step
         self._check_steps(self._step_losses[:step], chain)
         filled, first = 0, start
         for draw in range(start, args.num_draws):
-            for _ in range(args.draw_interval):
+            for k in range(args.draw_interval):
+                sampler.track_norms = k == args.draw_interval - 1
                 self._sgld_step(sampler, self._step_losses, step)
                 step += 1
             self._evaluate(self._buffer[filled], lay.mine)
             traces["distance_from_w_star"][chain, draw] = self.weights.distance_from_anchor()
+            for name, value in zip(NORM_TRACES, sampler.last_norms):
+                traces[name][chain, draw] = value
             filled += 1
             if filled == args.draws_per_block or draw == args.num_draws - 1:
                 self._flush(moments, filled, chain, first, traces)
@@ -295,6 +315,24 @@ class SamplingEngine:
                 summary["max_distance_from_w_star"],
             )
         return moments, summary
+
+    def _estimate_sharpness(self, sampler: SGLD) -> Optional[float]:
+        """lambda_max of G^1/2 (nbeta/m H) G^1/2 on a fixed minibatch; None when double backward fails."""
+        m = self.stream.batch_size
+        rows = torch.randperm(self.stream.n, generator=torch.Generator().manual_seed(self.args.seed))[:m]
+        batch = self.stream.source.gather(rows)
+        try:
+            return preconditioned_sharpness(
+                lambda: self.views.summed_train_loss(batch, self.model),
+                self.weights.params,
+                scale=self.args.nbeta / m,
+                localization=0.0,  # the localization's own limit is checked by BIFArguments
+                preconditioner=sampler.preconditioner,
+                generator=torch.Generator().manual_seed(self.args.seed),
+            )
+        except Exception as exc:  # noqa: BLE001 - a diagnostic must never stop the run
+            logger.debug("Sharpness estimate skipped: %s", exc)
+            return None
 
     def _checkpoint_due(self, before: int, after: int) -> bool:
         every = self.args.checkpoint_interval
@@ -339,6 +377,7 @@ class SamplingEngine:
         return {
             "chain": chain,
             "initial_mean_loss": self._init_mean,
+            "loss_scale": self._scale,  # max(L(w*), num_weights / (2 nbeta)): what "far above the start" means
             "mean_loss": float(traces["mean_train_loss"][chain].mean()),
             "final_distance_from_w_star": float(distance[-1]),
             "max_distance_from_w_star": float(distance.max()),
@@ -370,9 +409,16 @@ class SamplingEngine:
                 [count, total.sum_x, total.sum_y, total.sum_xx, total.sum_yy, total.sum_xy, *traces.values()]
             )
             total.count = int(count.item())
-            gathered = state.all_gather_object(summaries if plan.is_group_leader else [])
-            summaries = sorted((s for part in gathered for s in part), key=lambda s: s["chain"])
-        return SamplingResult(moments=total, chain_summaries=summaries, traces={k: v.cpu() for k, v in traces.items()})
+            gathered = state.all_gather_object((summaries if plan.is_group_leader else [], self._sharpness))
+            summaries = sorted((s for part, _ in gathered for s in part), key=lambda s: s["chain"])
+            found = [v for _, v in gathered if v is not None]
+            self._sharpness = max(found) if found else None
+        return SamplingResult(
+            moments=total,
+            chain_summaries=summaries,
+            traces={k: v.cpu() for k, v in traces.items()},
+            sharpness=self._sharpness,
+        )
 
     # ------------------------------------------------------------------ checks
     def _raise_if_diverged(self, means, block, chain: int, first_draw: int) -> None:
@@ -396,7 +442,8 @@ class SamplingEngine:
         a = self.args
         raise SamplerDivergenceError(
             f"SGLD chain {chain} diverged at {where}: {what} (mean train loss at w* was {self._init_mean:.4g}; "
-            f"the limit is divergence_loss_ratio={a.divergence_loss_ratio:g} times that). Lower "
+            f"the limit is divergence_loss_ratio={a.divergence_loss_ratio:g} times {self._scale:.4g}, the larger of "
+            "that and the thermal scale num_weights / (2 nbeta)). Lower "
             f"`step_size` (now {a.step_size:g}) or `nbeta` (now {a.nbeta:g}), or raise `localization` "
             f"(now {a.localization:g}) in BIFArguments. No scores were written; the model is unchanged."
         )

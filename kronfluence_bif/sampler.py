@@ -40,6 +40,9 @@ class SGLD:
         self._noise_flat = torch.empty(numel, device=device, dtype=dtype)
         self._noise = _split_like(self._noise_flat, self.params)
         self.num_steps = 0
+        # when set, each step records the norms of its loss-gradient, localization and noise moves (diagnostics)
+        self.track_norms = False
+        self.last_norms: Optional[torch.Tensor] = None
 
     def _loss_drift(self, grads: Sequence[torch.Tensor], batch_size: int) -> List[torch.Tensor]:
         """nbeta/m * sum of per-example gradients, in the parameters' dtype."""
@@ -58,13 +61,31 @@ class SGLD:
     @torch.no_grad()
     def step(self, grads: Sequence[torch.Tensor], batch_size: int) -> None:
         drift = self._loss_drift(grads, batch_size)
+        norms = self._term_norms(drift, None) if self.track_norms else None
         self._add_localization(drift)
         torch._foreach_add_(self.params, drift, alpha=-0.5 * self.step_size)
-        torch._foreach_add_(self.params, self._sample_noise(), alpha=math.sqrt(self.step_size))
+        noise = self._sample_noise()
+        torch._foreach_add_(self.params, noise, alpha=math.sqrt(self.step_size))
+        if norms is not None:
+            self.last_norms = torch.stack([*norms, math.sqrt(self.step_size) * _global_norm(noise)])
         self.num_steps += 1
+
+    def _term_norms(self, loss_drift: List[torch.Tensor], precond: Optional[List[torch.Tensor]]):
+        """Norms of this step's loss-gradient and localization moves (before they are added)."""
+        half = 0.5 * self.step_size
+        diff = torch._foreach_sub(self.params, self.anchors)
+        if precond is not None:
+            loss_drift = torch._foreach_mul(loss_drift, precond)
+            torch._foreach_mul_(diff, precond)
+        return half * _global_norm(loss_drift), half * self.localization * _global_norm(diff)
 
     def freeze(self) -> None:
         """Nothing adapts in plain SGLD."""
+
+    @property
+    def preconditioner(self) -> Optional[List[torch.Tensor]]:
+        """The diagonal preconditioner G of the next step; None for plain SGLD (G = 1)."""
+        return None
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
         """What a resumed chain needs besides the weights: the step count and the noise generator."""
@@ -112,12 +133,19 @@ class RMSpropSGLD(SGLD):
             torch._foreach_addcmul_(self.square_avg, drift, drift, value=1.0 - self.alpha)
             precond = self._preconditioner()
             noise_scale = torch._foreach_sqrt(precond)
+        norms = self._term_norms(drift, precond) if self.track_norms else None
         self._add_localization(drift)
         torch._foreach_mul_(drift, precond)
         torch._foreach_add_(self.params, drift, alpha=-0.5 * self.step_size)
         noise = torch._foreach_mul(self._sample_noise(), noise_scale)
         torch._foreach_add_(self.params, noise, alpha=math.sqrt(self.step_size))
+        if norms is not None:
+            self.last_norms = torch.stack([*norms, math.sqrt(self.step_size) * _global_norm(noise)])
         self.num_steps += 1
+
+    @property
+    def preconditioner(self) -> Optional[List[torch.Tensor]]:
+        return self._precond if self.frozen else self._preconditioner()
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
         state = super().state_dict()
@@ -138,6 +166,11 @@ class RMSpropSGLD(SGLD):
         self.frozen = True
         self._precond = self._preconditioner()
         self._noise_scale = torch._foreach_sqrt(self._precond)
+
+
+def _global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Euclidean norm over a list of tensors, as a 0-dim tensor on their device (no host sync)."""
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(list(tensors))))
 
 
 def _split_like(flat: torch.Tensor, like: Sequence[torch.Tensor]) -> List[torch.Tensor]:

@@ -19,6 +19,7 @@ from kronfluence_bif import storage
 from kronfluence_bif.arguments import BIFArguments
 from kronfluence_bif.checkpoints import CheckpointStore, fingerprint, remove_checkpoints
 from kronfluence_bif.data import DatasetOnDevice, MinibatchStream
+from kronfluence_bif.diagnostics import summarize
 from kronfluence_bif.distributed import ProcessState, process_state, unwrap_model
 from kronfluence_bif.engine import SamplingEngine, SamplingResult, Side
 from kronfluence_bif.logs import logger, warn_once
@@ -247,7 +248,7 @@ class BIFScorer:
 
     def _write_results(self, out, kind, args, bif_args, scores, todo, bounds, partitioned, result) -> None:
         """Diagnostics first, scores last: an existing score file always means a complete run."""
-        self._write_diagnostics(out, result)
+        self._write_diagnostics(out, result, bif_args)
         self._write(out, kind, args, bif_args, scores, todo, bounds, partitioned)
 
     # ------------------------------------------------------------------ arguments and metadata
@@ -381,9 +382,12 @@ class BIFScorer:
             logger.info("Saved %s scores of data partition %d at `%s`.", kind, p, out)
 
     @staticmethod
-    def _write_diagnostics(out: Path, result: SamplingResult) -> None:
+    def _write_diagnostics(out: Path, result: SamplingResult, bif_args: BIFArguments) -> None:
+        report = summarize(result.traces, result.chain_summaries, bif_args, result.sharpness)
+        for warning in report["warnings"]:
+            logger.warning("BIF sampler diagnostics (%s): %s", warning["code"], warning["message"])
         storage.save_tensors(out / storage.BIF_TRACES_FILE, result.traces)
-        storage.save_json({"chains": result.chain_summaries}, out / storage.BIF_DIAGNOSTICS_FILE)
+        storage.save_json(report, out / storage.BIF_DIAGNOSTICS_FILE)
 
 
 def header_metadata(args: ScoreArguments, bif_args: BIFArguments) -> Dict[str, str]:

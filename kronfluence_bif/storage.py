@@ -49,8 +49,17 @@ def score_file(output_dir: Path, kind: str, partition: Partition = None) -> Path
 
 # ---------------------------------------------------------------------------------------------- atomic writes
 def _atomic_path(path: Path) -> Tuple[int, str]:
+    """A temporary file next to `path`, with the permissions a plain `open` would give (mkstemp makes 0600)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_umask())
+    return fd, tmp
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -83,6 +92,7 @@ def save_tensors(path: Path, tensors: Dict[str, torch.Tensor], metadata: Optiona
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.chmod(tmp, 0o666 & ~_umask())  # safetensors recreates the file with mode 0600
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

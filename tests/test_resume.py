@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import stat
+
 import pytest
 import torch
 from conftest import PlainRegressionTask, assert_bitwise_equal, state_copy
@@ -151,6 +154,15 @@ def test_unwrap_model_ddp_and_fsdp(tmp_path):
             unwrap_model(sharded)
     finally:
         dist.destroy_process_group()
+
+
+def test_atomic_writes_get_the_usual_permissions(tmp_path):
+    storage.save_json({"a": 1}, tmp_path / "a.json")
+    storage.save_tensors(tmp_path / "t.safetensors", {"x": torch.zeros(2)})
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in ("a.json", "t.safetensors"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~mask  # not mkstemp's 0600
 
 
 def test_storage_removes_killed_writes(tmp_path):

@@ -14,19 +14,22 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
-from scipy.stats import spearmanr
 
 from kronfluence_bif import Analyzer, BIFArguments, FactorArguments, RegressionTask, prepare_model
+from kronfluence_bif.compare import compare
 from kronfluence_bif.demo.uci import load_concrete, train_mlp
 
 COLUMNS = ["cement", "slag", "fly_ash", "water", "superplast", "coarse_agg", "fine_agg", "age"]
 
 
 def agreement(a: np.ndarray, b: np.ndarray, k: int = 10) -> Dict[str, float]:
-    """Mean per-query Spearman and top-k overlap of two [n_query, n_train] score matrices."""
-    rho = [spearmanr(a[i], b[i]).statistic for i in range(len(a))]
-    top = [len(set(np.argsort(-a[i])[:k]) & set(np.argsort(-b[i])[:k])) / k for i in range(len(a))]
-    return {"spearman": float(np.nanmean(rho)), f"top{k}_overlap": float(np.mean(top))}
+    """Mean per-query Spearman and top-k overlap of two [n_query, n_train] score matrices.
+
+    A thin view of `kronfluence_bif.compare` (numpy only, so the demo runs without scipy); queries whose scores
+    are constant have no ranking and are left out of both means.
+    """
+    comparison = compare(a, b, k=k)
+    return {"spearman": comparison.mean_spearman, f"top{k}_overlap": comparison.mean_topk_overlap}
 
 
 def run_uci_ab(

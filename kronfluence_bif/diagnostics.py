@@ -1,0 +1,239 @@
+"""Is the sampler trustworthy? Convergence statistics, warnings for SGLD's known failure modes, and a plot.
+
+Every BIF run writes `bif_diagnostics.json` from `summarize`: per chain, the start loss, mean loss, distances
+from w* and the effective sample size of the mean-loss trace; across chains, split R-hat; the preconditioned
+sharpness of the loss at w* times the step size; and warnings, each with a code, the chain and what to change:
+
+- `training`: the mean train loss settles well below its value at w* (the chain is optimising: w* is not a
+  local minimum of the tempered loss, or nbeta is too large).
+- `exploding`: the mean train loss climbs far above the larger of its start and the thermal scale
+  num_weights / (2 nbeta) that a healthy chain reaches (step too large for the loss surface).
+- `flat`: the traces barely move (step too small: the covariances are rounding noise).
+- `slow_mixing`: few effective draws (step too small for the number of draws).
+- `sharpness`: step_size x the largest preconditioned curvature of the tempered loss (G^1/2 nbeta H G^1/2 on a
+  minibatch, after burn-in) is large: discretisation bias, then divergence. (The localization's own limit,
+  step_size x localization x max G < 4, is enforced by BIFArguments.)
+- `rhat`: chains disagree (more burn-in or draws).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from kronfluence_bif.arguments import BIFArguments
+
+TRAINING_DROP = 0.05  # mean loss below (1 - 5%) of its start
+EXPLODING_RATIO = 10.0  # a draw's mean loss above 10x its start
+FLAT_RELATIVE_STD = 1e-5  # float32 resolution is ~1e-7: below this the values barely change
+SLOW_MIXING_ESS_FRACTION = 0.02  # fewer than 2 effective draws per 100
+SHARPNESS_LIMIT = 2.0  # eps * lambda_max: SGLD's variance bias (1 - eps*lambda/4)^-1 reaches 2x there
+RHAT_LIMIT = 1.1
+BLOCKING_CODES = ("training", "exploding", "flat", "sharpness")  # what calibration treats as unusable
+
+
+def effective_sample_size(trace: np.ndarray) -> float:
+    """ESS of one chain's trace: N / (1 + 2 sum of autocorrelations), Geyer's initial positive sequence."""
+    x = np.asarray(trace, dtype=np.float64)
+    n = x.size
+    if n < 4:
+        return float(n)
+    x = x - x.mean()
+    var = float(x @ x) / n
+    if var <= 0.0:
+        return float("nan")
+    size = 1 << (2 * n - 1).bit_length()
+    spectrum = np.fft.rfft(x, size)
+    acf = np.fft.irfft(spectrum * np.conj(spectrum), size)[:n] / (n * var)
+    total = 0.0
+    for k in range(0, n - 1, 2):  # Geyer: sums of adjacent autocorrelations, up to the first negative one
+        pair = acf[k] + acf[k + 1]
+        if pair < 0:
+            break
+        total += pair
+    tau = max(2.0 * total - 1.0, 1.0 / n)
+    return float(n / tau)
+
+
+def split_rhat(traces: np.ndarray) -> float:
+    """Split R-hat (Gelman et al. 2013) over chains x draws; nan when it is undefined."""
+    x = np.asarray(traces, dtype=np.float64)
+    half = x.shape[1] // 2
+    if half < 2:
+        return float("nan")
+    parts = np.concatenate([x[:, :half], x[:, half : 2 * half]], axis=0)
+    within = parts.var(axis=1, ddof=1).mean()
+    between = half * parts.mean(axis=1).var(ddof=1)
+    if within <= 0:
+        return float("nan")
+    pooled = (half - 1) / half * within + between / half
+    return float(math.sqrt(pooled / within))
+
+
+def summarize(
+    traces: Dict[str, torch.Tensor],
+    chain_summaries: List[Dict[str, Any]],
+    args: BIFArguments,
+    sharpness: Optional[float] = None,
+) -> Dict[str, Any]:
+    """The content of `bif_diagnostics.json`: statistics and warnings (each with what to change)."""
+    loss = traces["mean_train_loss"].double().numpy()
+    warnings: List[Dict[str, Any]] = []
+    chains = []
+    for summary in chain_summaries:
+        c = int(summary["chain"])
+        ess = effective_sample_size(loss[c])
+        chains.append({**summary, "ess_mean_train_loss": ess})
+        start = float(summary["initial_mean_loss"])
+        warnings += _chain_warnings(c, loss[c], start, float(summary.get("loss_scale", start)), ess, args)
+    rhat = split_rhat(loss) if loss.shape[0] > 0 else float("nan")
+    if math.isfinite(rhat) and rhat > RHAT_LIMIT:
+        warnings.append(
+            _warning(
+                "rhat",
+                None,
+                f"split R-hat of the mean train loss is {rhat:.3f} > {RHAT_LIMIT}: the chains have not mixed. Raise "
+                "`num_burnin_steps` and `num_draws`.",
+            )
+        )
+    sharp = None
+    if sharpness is not None and math.isfinite(sharpness):
+        product = float(args.step_size) * sharpness
+        sharp = {"lambda_max": sharpness, "step_size_times_lambda_max": product}
+        if product > SHARPNESS_LIMIT:
+            if product < 4.0:
+                effect = f"inflates the variance along the sharpest directions by (1 - {product:.2g}/4)^-1"
+            else:
+                effect = "is beyond SGLD's stability limit of 4 there: the chain does not sample the posterior"
+            warnings.append(
+                _warning(
+                    "sharpness",
+                    None,
+                    f"step_size x the largest preconditioned curvature of the tempered loss is {product:.3g} > "
+                    f"{SHARPNESS_LIMIT:g}: SGLD {effect}. Lower `step_size` below {SHARPNESS_LIMIT / sharpness:.2g}.",
+                )
+            )
+    return {"chains": chains, "rhat_mean_train_loss": rhat, "sharpness": sharp, "warnings": warnings}
+
+
+def _chain_warnings(
+    chain: int, loss: np.ndarray, start: float, loss_scale: float, ess: float, args: BIFArguments
+) -> List[Dict]:
+    out = []
+    n = loss.size
+    scale = abs(start) if start != 0 else 1.0
+    late = float(loss[n // 2 :].mean()) if n else start
+    if start > 0 and late < (1.0 - TRAINING_DROP) * start:
+        out.append(
+            _warning(
+                "training",
+                chain,
+                f"the mean train loss fell from {start:.4g} at w* to {late:.4g} over the second half of the draws: "
+                "the chain is training, so w* is not a minimum of the tempered loss. Train the model further, "
+                "lower `nbeta`, or raise `localization`.",
+            )
+        )
+    if loss_scale > 0 and n and float(loss.max()) > EXPLODING_RATIO * loss_scale:
+        out.append(
+            _warning(
+                "exploding",
+                chain,
+                f"the mean train loss reached {float(loss.max()):.4g}, {float(loss.max()) / loss_scale:.3g}x the "
+                f"larger of its value at w* ({start:.4g}) and the thermal scale num_weights / (2 nbeta): lower "
+                f"`step_size` (now {args.step_size:g}) or `nbeta`, or raise `localization`.",
+            )
+        )
+    if n > 1 and float(loss.std()) < FLAT_RELATIVE_STD * scale:
+        out.append(
+            _warning(
+                "flat",
+                chain,
+                f"the mean train loss hardly moves (std {float(loss.std()):.3g} vs {start:.4g}): the scores would be "
+                f"rounding noise. Raise `step_size` (now {args.step_size:g}).",
+            )
+        )
+    elif math.isfinite(ess) and n >= 20 and ess < SLOW_MIXING_ESS_FRACTION * n:
+        out.append(
+            _warning(
+                "slow_mixing",
+                chain,
+                f"only {ess:.1f} effective draws of {n}: raise `step_size` (now {args.step_size:g}) or `num_draws`.",
+            )
+        )
+    return out
+
+
+def _warning(code: str, chain: Optional[int], message: str) -> Dict[str, Any]:
+    where = "all chains" if chain is None else f"chain {chain}"
+    return {"code": code, "chain": chain, "message": f"{where}: {message}"}
+
+
+# ---------------------------------------------------------------------------------------------- sharpness
+def preconditioned_sharpness(
+    loss_fn,
+    params: Sequence[torch.Tensor],
+    scale: float,
+    localization: float,
+    preconditioner: Optional[Sequence[torch.Tensor]],
+    iterations: int = 20,
+    generator: Optional[torch.Generator] = None,
+) -> float:
+    """Largest eigenvalue of G^1/2 (scale * Hessian of loss_fn + localization) G^1/2, by power iteration.
+
+    `loss_fn()` returns the minibatch loss summed over examples; `scale` is nbeta / m. Hessian-vector products
+    come from double backward, so this costs about 3 x `iterations` forward passes of one minibatch.
+    """
+    params = list(params)
+    with torch.enable_grad():
+        grads = torch.autograd.grad(loss_fn(), params, create_graph=True)
+    root = [g.sqrt() for g in preconditioner] if preconditioner is not None else [torch.ones_like(p) for p in params]
+    v = [torch.randn(p.shape, generator=generator, dtype=torch.float32).to(p) for p in params]
+    value = 0.0
+    for _ in range(iterations):
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(v)))
+        v = torch._foreach_div(v, norm)
+        w = torch._foreach_mul(v, root)  # G^1/2 v
+        hv = torch.autograd.grad(grads, params, grad_outputs=w, retain_graph=True)
+        av = torch._foreach_mul(list(hv), scale)
+        torch._foreach_add_(av, w, alpha=localization)
+        av = torch._foreach_mul(av, root)
+        value = float(sum((a * b).sum() for a, b in zip(av, v)))
+        v = [a.detach() for a in av]
+    return value
+
+
+# ---------------------------------------------------------------------------------------------- plot
+def plot_traces(traces: Dict[str, torch.Tensor], path: Union[str, Path], title: str = "") -> Path:
+    """A PNG with one panel per trace and one line per chain."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(traces)
+    cols = 3
+    rows = max(1, math.ceil(len(names) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.8 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        values = traces[name].double().numpy()
+        for c, row in enumerate(values):
+            ax.plot(row, lw=0.8, label=f"chain {c}")
+        ax.set_title(name.replace("_", " "), fontsize=9)
+        ax.set_xlabel("draw", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(names) :]:
+        ax.axis("off")
+    if names and traces[names[0]].shape[0] <= 8:
+        axes.flat[0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
