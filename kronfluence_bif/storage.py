@@ -23,6 +23,8 @@ ALL_MODULES = "all_modules"
 BIF_ARGUMENTS_FILE = "bif_arguments.json"
 BIF_TRACES_FILE = "bif_traces.safetensors"
 BIF_DIAGNOSTICS_FILE = "bif_diagnostics.json"
+# per-token runs: key `all_modules`, [n_query, T_query, n_train, T_train], influence of train token on query token
+BIF_TOKEN_SCORES_FILE = "bif_token_scores.safetensors"
 FACTOR_ARGUMENTS_FILE = "factor_arguments.json"
 SCORE_ARGUMENTS_FILE = "score_arguments.json"
 DATASET_METADATA_FILES = {"query": "query_dataset_metadata.json", "train": "train_dataset_metadata.json"}

@@ -27,3 +27,16 @@ class BIFTask(Task):
     def compute_per_example_measurement(self, batch: Any, model: nn.Module) -> torch.Tensor:
         """Measurement of each example, shape ``[batch_size]``; sums to ``compute_measurement(batch, model)``."""
         raise NotImplementedError
+
+    def compute_per_token_train_loss(self, batch: Any, model: nn.Module) -> torch.Tensor:
+        """Training loss of each token, shape ``[batch_size, seq_len]``, exactly 0 at padding and masked tokens.
+
+        Needed for per-token scores (`ScoreArguments(compute_per_token_scores=True)`); each row sums to
+        `compute_per_example_train_loss` of that example.
+        """
+        raise NotImplementedError
+
+    def compute_per_token_measurement(self, batch: Any, model: nn.Module) -> torch.Tensor:
+        """Measurement of each token, shape ``[batch_size, seq_len]``, 0 where masked (token-by-token scores)."""
+        raise NotImplementedError
+
