@@ -4,6 +4,7 @@ from kronfluence import FactorArguments, ScoreArguments, Task, prepare_model
 
 from kronfluence_bif.analyzer import STRATEGIES, Analyzer
 from kronfluence_bif.arguments import BIFArguments
+from kronfluence_bif.calibrate import CalibrationResult, calibrate
 from kronfluence_bif.errors import SamplerDivergenceError, TaskContractError
 from kronfluence_bif.task import BIFTask
 from kronfluence_bif.tasks import ClassificationTask, RegressionTask
@@ -14,6 +15,7 @@ __all__ = [
     "Analyzer",
     "BIFArguments",
     "BIFTask",
+    "CalibrationResult",
     "ClassificationTask",
     "FactorArguments",
     "RegressionTask",
@@ -23,5 +25,6 @@ __all__ = [
     "Task",
     "TaskContractError",
     "__version__",
+    "calibrate",
     "prepare_model",
 ]

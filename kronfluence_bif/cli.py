@@ -244,8 +244,65 @@ def _run_diagnose(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_factory(spec: str) -> Dict[str, Any]:
+    """`package.module:function` or `path/to/file.py:function`, called with no arguments.
+
+    The function returns a dict with `model`, `task`, `train_dataset` (and optionally `base_args`, a
+    BIFArguments or a dict of its fields), or a tuple (model, task, train_dataset).
+    """
+    import importlib
+    import importlib.util
+
+    target, sep, name = spec.rpartition(":")
+    if not sep or not target or not name:
+        raise ValueError(f"expected MODULE:FUNCTION or FILE.py:FUNCTION, got {spec!r}")
+    if target.endswith(".py"):
+        path = Path(target).expanduser()
+        if not path.exists():
+            raise ValueError(f"no such file `{path}`")
+        module_spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(target)
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        raise ValueError(f"`{target}` has no function `{name}`")
+    made = factory()
+    if isinstance(made, (tuple, list)) and len(made) == 3:
+        made = dict(zip(("model", "task", "train_dataset"), made))
+    if not isinstance(made, dict) or not {"model", "task", "train_dataset"} <= set(made):
+        raise ValueError(f"`{spec}` must return a dict with model, task and train_dataset, or such a tuple")
+    return made
+
+
+def _run_calibrate(args: argparse.Namespace) -> int:
+    from kronfluence_bif.arguments import BIFArguments
+    from kronfluence_bif.calibrate import calibrate
+
+    made = load_factory(args.factory)
+    base = made.get("base_args")
+    if isinstance(base, dict):
+        base = BIFArguments.from_dict(base)
+    result = calibrate(
+        made["model"],
+        made["task"],
+        made["train_dataset"],
+        base_args=base,
+        step_sizes=args.steps,
+        nbetas=args.nbetas,
+        localizations=args.localizations,
+        num_chains=args.chains,
+        num_draws=args.draws,
+        max_examples=args.max_examples,
+        disable_tqdm=args.json,
+    )
+    print(json.dumps(jsonable(result.to_dict()), indent=2) if args.json else result.to_table())
+    return 0 if result.recommended is not None else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The argparse tree: `compare`, `inspect`, `diagnose`."""
+    """The argparse tree: `compare`, `inspect`, `diagnose`, `calibrate`."""
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Compare, inspect and diagnose kronfluence / kronfluence-bif score folders.",
@@ -293,6 +350,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="PNG", default="", help="also draw the traces (one panel each) into this PNG")
     p.add_argument("--strict", action="store_true", help="exit 1 when the run recorded sampler warnings (for CI)")
     p.set_defaults(handler=_run_diagnose)
+
+    p = commands.add_parser(
+        "calibrate",
+        help="choose the SGLD step size from short chains",
+        description="Run short BIF chains for a grid of step sizes (and optionally nbeta/localization) on a subset "
+        "of the training data and recommend the largest step without blocking warnings. FACTORY is "
+        "MODULE:FUNCTION or FILE.py:FUNCTION returning {model, task, train_dataset[, base_args]}. Exit 1 when no "
+        "setting is usable.",
+    )
+    p.add_argument("factory", help="MODULE:FUNCTION or FILE.py:FUNCTION that builds the model, task and data")
+    p.add_argument("--steps", type=float, nargs="+", default=None, help="step sizes (default: base x 0.1..10)")
+    p.add_argument("--nbetas", type=float, nargs="+", default=None, help="nbeta values (default: base)")
+    p.add_argument("--localizations", type=float, nargs="+", default=None, help="localization values")
+    p.add_argument("--chains", type=int_at_least(1), default=2, help="chains per setting (default: 2)")
+    p.add_argument("--draws", type=int_at_least(2), default=100, help="draws per chain (default: 100)")
+    p.add_argument("--max-examples", type=int_at_least(2), default=256, help="training examples evaluated")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(handler=_run_calibrate)
     return parser
 
 
@@ -305,7 +380,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
     if args.command is None:
         parser.print_usage(sys.stderr)
-        print(f"{PROG}: error: choose a command: compare, inspect or diagnose", file=sys.stderr)
+        print(f"{PROG}: error: choose a command: compare, inspect, diagnose or calibrate", file=sys.stderr)
         return 2
     try:
         return args.handler(args)

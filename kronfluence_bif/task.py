@@ -39,4 +39,3 @@ class BIFTask(Task):
     def compute_per_token_measurement(self, batch: Any, model: nn.Module) -> torch.Tensor:
         """Measurement of each token, shape ``[batch_size, seq_len]``, 0 where masked (token-by-token scores)."""
         raise NotImplementedError
-

@@ -1,0 +1,205 @@
+"""Choose SGLD's step size (and optionally nbeta / localization) from short chains and their diagnostics.
+
+SGLD-based methods live or die by the step size: too small and the draws barely move (the covariances are
+noise), too large and the chain trains, explodes or is biased along sharp directions. `calibrate` runs short
+chains for each setting of a small grid on a subset of the training data (self-influence only, so each draw
+costs one pass over the subset), applies the diagnostics of `kronfluence_bif.diagnostics`, and recommends the
+largest step with none of the blocking warnings (`training`, `exploding`, `flat`, `sharpness`) and no divergence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+from torch import nn
+from torch.utils import data
+from tqdm.auto import tqdm
+
+from kronfluence_bif.arguments import BIFArguments
+from kronfluence_bif.data import DatasetOnDevice, MinibatchStream
+from kronfluence_bif.diagnostics import BLOCKING_CODES, summarize
+from kronfluence_bif.distributed import unwrap_model
+from kronfluence_bif.engine import SamplingEngine, Side
+from kronfluence_bif.errors import SamplerDivergenceError
+from kronfluence_bif.logs import logger
+from kronfluence_bif.loss_views import LossViews
+from kronfluence_bif.parameters import SampledWeights, select_parameters
+
+STEP_FACTORS = (0.1, 0.3, 1.0, 3.0, 10.0)
+
+
+@dataclass
+class CalibrationResult:
+    """One row per grid point, and the recommended arguments (None when no setting was usable)."""
+
+    rows: List[Dict[str, Any]]
+    recommended: Optional[BIFArguments]
+    base: BIFArguments
+    seconds: float = 0.0
+    notes: List[str] = field(default_factory=list)
+
+    def to_table(self) -> str:
+        header = ["step_size", "nbeta", "localization", "status", "eps*lambda", "R-hat", "ESS/draw", "loss rise"]
+        lines = [" | ".join(header), " | ".join("---" for _ in header)]
+        for row in self.rows:
+            lines.append(
+                " | ".join(
+                    [
+                        f"{row['step_size']:.3g}",
+                        f"{row['nbeta']:.3g}",
+                        f"{row['localization']:.3g}",
+                        row["status"],
+                        _num(row.get("step_size_times_lambda_max")),
+                        _num(row.get("rhat")),
+                        _num(row.get("ess_per_draw")),
+                        _num(row.get("relative_loss_rise")),
+                    ]
+                )
+            )
+        if self.recommended is not None:
+            r = self.recommended
+            lines.append(
+                f"\nRecommended: step_size={r.step_size:g}, nbeta={r.nbeta:g}, localization={r.localization:g}"
+            )
+        else:
+            lines.append("\nNo setting was usable: " + " ".join(self.notes))
+        return "\n".join(lines)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {
+            "rows": self.rows,
+            "recommended": None if self.recommended is None else self.recommended.to_dict(),
+            "seconds": self.seconds,
+            "notes": self.notes,
+        }
+
+    def __str__(self) -> str:
+        return self.to_table()
+
+
+def _num(value: Any) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return f"{value:.3g}"
+
+
+def calibrate(
+    model: nn.Module,
+    task: Any,
+    train_dataset: data.Dataset,
+    base_args: Optional[BIFArguments] = None,
+    step_sizes: Optional[Sequence[float]] = None,
+    nbetas: Optional[Sequence[float]] = None,
+    localizations: Optional[Sequence[float]] = None,
+    num_chains: int = 2,
+    num_draws: int = 100,
+    max_examples: int = 256,
+    per_device_batch_size: int = 256,
+    dataloader_kwargs: Optional[Dict[str, Any]] = None,
+    disable_tqdm: bool = False,
+) -> CalibrationResult:
+    """Short chains over a grid; recommends the largest step with no blocking warning (see module docstring).
+
+    `step_sizes` defaults to `base_args.step_size` x (0.1, 0.3, 1, 3, 10); `nbetas` and `localizations`
+    default to the base values. Settings that BIFArguments rejects (step x localization x max G >= 4) are
+    listed as invalid. The model is restored bitwise afterwards.
+    """
+    base = base_args if base_args is not None else BIFArguments()
+    step_sizes = list(step_sizes) if step_sizes else [base.step_size * f for f in STEP_FACTORS]
+    nbetas = list(nbetas) if nbetas else [base.nbeta]
+    localizations = list(localizations) if localizations else [base.localization]
+    for name, values in (("step_sizes", step_sizes), ("nbetas", nbetas), ("localizations", localizations)):
+        if any(not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0 for v in values):
+            raise ValueError(f"`{name}` must hold positive finite numbers, got {values}.")
+    if len(train_dataset) < 2:
+        raise ValueError("`train_dataset` needs at least 2 examples to calibrate on.")
+    model = unwrap_model(model)
+    device = next(model.parameters()).device
+    views = LossViews(task)
+    loader_params = dict(dataloader_kwargs or {})
+    source = DatasetOnDevice(train_dataset, per_device_batch_size, loader_params, device, cache=base.cache_batches)
+    rows_idx = np.unique(np.linspace(0, len(train_dataset) - 1, min(max_examples, len(train_dataset))).astype(int))
+    x = Side(source.batches(rows_idx.tolist(), per_device_batch_size), views.train)
+    params = select_parameters(model, task.get_influence_tracked_modules())
+    grid = list(itertools.product(sorted(nbetas), sorted(localizations), sorted(step_sizes)))
+    start = time.time()
+    rows: List[Dict[str, Any]] = []
+    with SampledWeights(model, params) as weights:
+        checked = False
+        for nbeta, localization, step in tqdm(grid, desc="Calibrating BIF", disable=disable_tqdm):
+            row: Dict[str, Any] = {"step_size": step, "nbeta": nbeta, "localization": localization}
+            try:
+                args = dataclasses.replace(
+                    base,
+                    step_size=step,
+                    nbeta=nbeta,
+                    localization=localization,
+                    num_chains=num_chains,
+                    num_draws=num_draws,
+                    checkpoint_interval=0,
+                )
+            except ValueError as exc:
+                rows.append({**row, "status": "invalid", "reason": str(exc)})
+                continue
+            stream = MinibatchStream(source, args.sampler_batch_size)
+            engine = SamplingEngine(model, views, weights, stream, x, None, args, diagonal=True, disable_tqdm=True)
+            if not checked:
+                engine.check_views()
+                checked = True
+            try:
+                result = engine.run()
+            except SamplerDivergenceError as exc:
+                rows.append({**row, "status": "diverged", "reason": str(exc)})
+                continue
+            rows.append({**row, **_row_stats(result, args)})
+    recommended, notes = _recommend(rows, base)
+    result = CalibrationResult(rows=rows, recommended=recommended, base=base, seconds=time.time() - start, notes=notes)
+    logger.info("Calibration over %d settings took %.1f s.\n%s", len(grid), result.seconds, result.to_table())
+    return result
+
+
+def _row_stats(result, args: BIFArguments) -> Dict[str, Any]:
+    report = summarize(result.traces, result.chain_summaries, args, result.sharpness)
+    codes = sorted({w["code"] for w in report["warnings"]})
+    blocking = [c for c in codes if c in BLOCKING_CODES]
+    start = float(result.chain_summaries[0]["initial_mean_loss"]) if result.chain_summaries else float("nan")
+    mean_loss = float(np.mean([c["mean_loss"] for c in result.chain_summaries]))
+    ess = [c["ess_mean_train_loss"] for c in report["chains"] if math.isfinite(c["ess_mean_train_loss"])]
+    sharp = report["sharpness"] or {}
+    return {
+        "status": "blocked: " + ",".join(blocking) if blocking else "ok" + (f" ({','.join(codes)})" if codes else ""),
+        "usable": not blocking,
+        "warnings": codes,
+        "step_size_times_lambda_max": sharp.get("step_size_times_lambda_max"),
+        "rhat": report["rhat_mean_train_loss"],
+        "ess_per_draw": float(np.mean(ess)) / args.num_draws if ess else None,
+        "relative_loss_rise": (mean_loss - start) / abs(start) if start else None,
+    }
+
+
+def _recommend(rows: List[Dict[str, Any]], base: BIFArguments):
+    usable = [r for r in rows if r.get("usable")]
+    if not usable:
+        return None, ["every setting diverged or was flagged; try smaller step sizes or a larger localization."]
+    best = max(usable, key=lambda r: (r["step_size"], -(r["rhat"] if math.isfinite(r["rhat"]) else 1e9)))
+    notes = []
+    if best["step_size"] == max(r["step_size"] for r in rows):
+        notes.append("the largest step of the grid was usable: larger steps may be too (extend the grid).")
+    recommended = dataclasses.replace(
+        base, step_size=best["step_size"], nbeta=best["nbeta"], localization=best["localization"]
+    )
+    return recommended, notes
+
+
+def recommended_json(result: CalibrationResult) -> str:
+    return json.dumps(None if result.recommended is None else result.recommended.to_dict(), indent=2)
+
+
+__all__ = ["CalibrationResult", "calibrate", "recommended_json"]
