@@ -7,7 +7,7 @@ from kronfluence_bif.arguments import BIFArguments
 from kronfluence_bif.calibrate import CalibrationResult, calibrate
 from kronfluence_bif.errors import SamplerDivergenceError, TaskContractError
 from kronfluence_bif.task import BIFTask
-from kronfluence_bif.tasks import ClassificationTask, RegressionTask
+from kronfluence_bif.tasks import CausalLMTask, ClassificationTask, RegressionTask
 
 __version__ = "0.1.0"
 
@@ -15,6 +15,7 @@ __all__ = [
     "Analyzer",
     "BIFArguments",
     "BIFTask",
+    "CausalLMTask",
     "CalibrationResult",
     "ClassificationTask",
     "FactorArguments",

@@ -4,8 +4,9 @@ Every BIF run writes `bif_diagnostics.json` from `summarize`: per chain, the sta
 from w* and the effective sample size of the mean-loss trace; across chains, split R-hat; the preconditioned
 sharpness of the loss at w* times the step size; and warnings, each with a code, the chain and what to change:
 
-- `training`: the mean train loss settles well below its value at w* (the chain is optimising: w* is not a
-  local minimum of the tempered loss, or nbeta is too large).
+- `training`: the mean train loss settles well below its value at w* (by 5%, and by more than 3 standard
+  errors of its late mean): the chain is optimising, w* is not a local minimum of the tempered loss, or nbeta
+  is too large. Common for classifiers near zero loss, whose loss always falls by scaling up the logits.
 - `exploding`: the mean train loss climbs far above the larger of its start and the thermal scale
   num_weights / (2 nbeta) that a healthy chain reaches (step too large for the loss surface).
 - `flat`: the traces barely move (step too small: the covariances are rounding noise).
@@ -126,8 +127,12 @@ def _chain_warnings(
     out = []
     n = loss.size
     scale = abs(start) if start != 0 else 1.0
-    late = float(loss[n // 2 :].mean()) if n else start
-    if start > 0 and late < (1.0 - TRAINING_DROP) * start:
+    tail = loss[n // 2 :]
+    late = float(tail.mean()) if n else start
+    # significant, not just noisy: the drop must exceed 3 standard errors of the late mean (ESS-corrected)
+    tail_ess = effective_sample_size(tail) if tail.size >= 4 else float(tail.size)
+    stderr = float(tail.std()) / math.sqrt(max(tail_ess if math.isfinite(tail_ess) else tail.size, 1.0))
+    if start > 0 and late < (1.0 - TRAINING_DROP) * start and start - late > 3.0 * stderr:
         out.append(
             _warning(
                 "training",

@@ -88,3 +88,118 @@ class ClassificationTask(BIFTask):
 
     def get_influence_tracked_modules(self) -> Optional[List[str]]:
         return self.tracked_modules
+
+
+IGNORE_INDEX = -100
+
+
+def _logits(output: Any) -> torch.Tensor:
+    """The logits of a causal LM's output: a `.logits` attribute (Hugging Face), a tuple's first item, or a tensor."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(
+        f"CausalLMTask expects the model to return logits [batch, seq_len, vocab] as a tensor or as `.logits`, "
+        f"got {type(output).__name__}."
+    )
+
+
+class CausalLMTask(BIFTask):
+    """Next-token cross-entropy of a causal language model, for Hugging Face-style batches.
+
+    Batches are dicts with ``input_ids`` and ``attention_mask`` ``[B, T]`` and ``labels`` ``[B, T]`` that hold
+    ``-100`` where no loss is taken (padding, and the prompt of a prompt/completion query: the measurement of
+    the paper's sec. 4.3). Without ``labels`` every attended token is a label. The model is called as
+    ``model(input_ids=..., attention_mask=...)`` and returns logits ``[B, T, V]`` (a tensor or ``.logits``).
+
+    Labels are shifted the Hugging Face way: the logits at position ``t - 1`` predict ``labels[:, t]``. Per-token
+    values are aligned with the input positions: column ``t`` holds the loss of predicting token ``t`` from the
+    tokens before it, so column 0 is always 0, as is every position with ``labels == -100`` or
+    ``attention_mask == 0``. Everything is a sum (kronfluence's convention): per-example values are the row sums
+    of the per-token values, and the scalar methods are the sums of the per-example values. Logits are upcast to
+    float32 before the softmax.
+
+    The measurement is the same summed loss on the query's labelled tokens (the completion's negative
+    log-likelihood), so it is loss-like: a positive score means the training sequence helps the completion.
+    `tracked_modules` (module names, or None for kronfluence's default: every ``nn.Linear``) is returned by
+    `get_influence_tracked_modules`; for BIF it also restricts which weights are sampled.
+    """
+
+    def __init__(self, tracked_modules: Optional[List[str]] = None) -> None:
+        self.tracked_modules = tracked_modules
+
+    # ------------------------------------------------------------------ helpers
+    def _forward(self, batch: Any, model: nn.Module) -> torch.Tensor:
+        """Float32 logits ``[B, T, V]`` of the batch."""
+        output = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
+        return _logits(output).float()
+
+    @staticmethod
+    def _targets(batch: Any) -> torch.Tensor:
+        """Labels ``[B, T]`` with -100 wherever no loss is taken (masked labels and padding)."""
+        input_ids = batch["input_ids"]
+        labels = batch.get("labels")
+        labels = input_ids if labels is None else labels
+        mask = batch.get("attention_mask")
+        if mask is not None:
+            labels = labels.masked_fill(mask == 0, IGNORE_INDEX)
+        return labels
+
+    def _per_token(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy ``[B, T]`` aligned with input positions; exactly 0 at position 0 and ignored labels."""
+        batch, length, vocab = logits.shape
+        targets = labels[:, 1:]
+        losses = F.cross_entropy(
+            logits[:, :-1].reshape(-1, vocab), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+        ).view(batch, length - 1)
+        losses = torch.where(targets == IGNORE_INDEX, torch.zeros_like(losses), losses)
+        return F.pad(losses, (1, 0))
+
+    def _sampled_labels(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Labels drawn from the model's softmax at the labelled positions (kronfluence's true-Fisher sampling)."""
+        with torch.no_grad():
+            probs = torch.softmax(logits[:, :-1].detach(), dim=-1)
+            drawn = torch.multinomial(probs.reshape(-1, probs.shape[-1]), num_samples=1).view(probs.shape[:-1])
+        shifted = torch.where(labels[:, 1:] == IGNORE_INDEX, torch.full_like(drawn, IGNORE_INDEX), drawn)
+        return F.pad(shifted, (1, 0), value=IGNORE_INDEX)
+
+    # ------------------------------------------------------------------ per-token views
+    def compute_per_token_train_loss(self, batch: Any, model: nn.Module) -> torch.Tensor:
+        """Loss of predicting each token, ``[B, T]``; 0 at position 0, masked labels and padding."""
+        return self._per_token(self._forward(batch, model), self._targets(batch))
+
+    def compute_per_token_measurement(self, batch: Any, model: nn.Module) -> torch.Tensor:
+        """Completion loss of each query token, ``[B, T]`` (the per-token train loss on the query)."""
+        return self.compute_per_token_train_loss(batch, model)
+
+    # ------------------------------------------------------------------ per-example views
+    def compute_per_example_train_loss(self, batch: Any, model: nn.Module) -> torch.Tensor:
+        """Summed loss of each sequence, ``[B]``: the row sums of `compute_per_token_train_loss`."""
+        return self.compute_per_token_train_loss(batch, model).sum(dim=1)
+
+    def compute_per_example_measurement(self, batch: Any, model: nn.Module) -> torch.Tensor:
+        """Summed completion loss of each query, ``[B]``."""
+        return self.compute_per_example_train_loss(batch, model)
+
+    # ------------------------------------------------------------------ kronfluence's methods
+    def compute_train_loss(self, batch: Any, model: nn.Module, sample: bool = False) -> torch.Tensor:
+        """Summed next-token loss of the batch; with `sample=True` against labels drawn from the model."""
+        if not sample:
+            return self.compute_per_example_train_loss(batch, model).sum()
+        logits = self._forward(batch, model)
+        return self._per_token(logits, self._sampled_labels(logits, self._targets(batch))).sum(dim=1).sum()
+
+    def compute_measurement(self, batch: Any, model: nn.Module) -> torch.Tensor:
+        """Summed completion loss of the query batch (the train loss on the query's labelled tokens)."""
+        return self.compute_per_example_measurement(batch, model).sum()
+
+    def get_attention_mask(self, batch: Any) -> Optional[torch.Tensor]:
+        """The batch's ``attention_mask`` (kronfluence masks padded tokens out of its covariance factors)."""
+        return batch.get("attention_mask")
+
+    def get_influence_tracked_modules(self) -> Optional[List[str]]:
+        return self.tracked_modules
