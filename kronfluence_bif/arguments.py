@@ -6,7 +6,7 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 SAMPLERS = ("sgld", "rmsprop_sgld")
 
@@ -72,6 +72,17 @@ class BIFArguments:
         "killed run resumes there; 0 disables checkpoints.",
         default=100,
     )
+    token_by_token: bool = _help(
+        "With per-token scores, also write the full token-by-token matrix [n_query, T_query, n_train, T_train] "
+        "(bif_token_scores.safetensors) when the Task defines compute_per_token_measurement.",
+        default=True,
+    )
+    sampled_modules: Optional[List[str]] = _help(
+        "Sample only the parameters whose name (or module name) matches one of these fnmatch patterns, e.g. "
+        "['*.attn.*'] for attention only; any module type (Conv1D, LayerNorm, Embedding). None: the Task's tracked "
+        "modules, else every parameter.",
+        default=None,
+    )
     keep_checkpoints: bool = _help(
         "Keep the checkpoints after the final scores are written (they are removed by default).", default=False
     )
@@ -107,9 +118,18 @@ class BIFArguments:
                 "term alone would make the chain oscillate and diverge. Lower `step_size` or `localization`"
                 + (" or raise `rmsprop_eps`." if self.sampler != "sgld" else ".")
             )
+        if self.sampled_modules is not None and (
+            isinstance(self.sampled_modules, str)
+            or not all(isinstance(p, str) and p for p in self.sampled_modules)
+            or not self.sampled_modules
+        ):
+            raise ValueError(
+                "BIFArguments.sampled_modules must be None or a non-empty list of name patterns such as ['*.attn.*'], "
+                f"got {self.sampled_modules!r}."
+            )
         if not (isinstance(self.rmsprop_alpha, (int, float)) and 0.0 < float(self.rmsprop_alpha) < 1.0):
             raise ValueError(f"BIFArguments.rmsprop_alpha must be in (0, 1), got {self.rmsprop_alpha!r}.")
-        for name in ("normalize", "freeze_preconditioner", "cache_batches", "keep_checkpoints"):
+        for name in ("normalize", "freeze_preconditioner", "cache_batches", "keep_checkpoints", "token_by_token"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"BIFArguments.{name} must be True or False, got {getattr(self, name)!r}.")
 

@@ -127,7 +127,7 @@ def calibrate(
     source = DatasetOnDevice(train_dataset, per_device_batch_size, loader_params, device, cache=base.cache_batches)
     rows_idx = np.unique(np.linspace(0, len(train_dataset) - 1, min(max_examples, len(train_dataset))).astype(int))
     x = Side(source.batches(rows_idx.tolist(), per_device_batch_size), views.train)
-    params = select_parameters(model, task.get_influence_tracked_modules())
+    params = select_parameters(model, task.get_influence_tracked_modules(), base.sampled_modules)
     grid = list(itertools.product(sorted(nbetas), sorted(localizations), sorted(step_sizes)))
     start = time.time()
     rows: List[Dict[str, Any]] = []

@@ -63,6 +63,15 @@ class Side:
     def size(self) -> int:
         return self.batches.size
 
+    @property
+    def width(self) -> int:
+        """Values per example: 1, or the tokens of a per-token view (known once the view was checked)."""
+        return int(getattr(self.view, "width", None) or 1)
+
+    @property
+    def columns(self) -> int:
+        return self.size * self.width
+
     def batch_sizes(self) -> List[int]:
         step = self.batches.batch_size
         return [min(step, self.size - start) for start in range(0, self.size, step)]
@@ -74,6 +83,8 @@ class SamplingResult:
     chain_summaries: List[Dict[str, float]] = field(default_factory=list)
     traces: Dict[str, torch.Tensor] = field(default_factory=dict)
     sharpness: Optional[float] = None  # largest preconditioned curvature after burn-in (diagnostics)
+    widths: Tuple[int, int] = (1, 1)  # values per train example and per query (per-token runs: T and 1 + T)
+    token_scores: Optional[torch.Tensor] = None  # [q, Tq, n, T] when the query side has token values
 
 
 @dataclass
@@ -137,7 +148,7 @@ class SamplingEngine:
         with torch.inference_mode(), self._autocast():
             for s, side in enumerate(self._sides()):
                 for b, batch in enumerate(side.batches):
-                    size = min(side.batches.batch_size, side.size - b * side.batches.batch_size)
+                    size = min(side.batches.batch_size, side.size - b * side.batches.batch_size) * side.width
                     if mine is None or (s, b) in mine:
                         values = side.view(batch, self.model)
                         row[offset : offset + size] = values.reshape(-1)
@@ -150,8 +161,8 @@ class SamplingEngine:
                 side.view.check(side.batches.first(), self.model)
 
     def _layout(self, plan: WorkPlan) -> _Layout:
-        n_x = self.x.size
-        n_y = self.y.size if self.y is not None else 0
+        n_x = self.x.columns
+        n_y = self.y.columns if self.y is not None else 0
         dim_x = _reduced_dim(self.x, n_x)
         dim_y = dim_x if self.y is None else _reduced_dim(self.y, n_y)
         if plan.num_shards == 1:
@@ -160,8 +171,8 @@ class SamplingEngine:
         for s, side in enumerate(self._sides()):
             for b, size in enumerate(side.batch_sizes()):
                 units.append((s, b))
-                columns.append(torch.arange(offset, offset + size))
-                offset += size
+                columns.append(torch.arange(offset, offset + size * side.width))
+                offset += size * side.width
         parts = split_evenly([c.numel() for c in columns], plan.num_shards)
         gather = [torch.cat([columns[u] for u in part]) if part else torch.empty(0, dtype=torch.long) for part in parts]
         own = torch.tensor(np.array_split(np.arange(dim_x), plan.num_shards)[plan.shard], dtype=torch.long)
@@ -418,6 +429,7 @@ class SamplingEngine:
             chain_summaries=summaries,
             traces={k: v.cpu() for k, v in traces.items()},
             sharpness=self._sharpness,
+            widths=(self.x.width, self.y.width if self.y is not None else 1),
         )
 
     # ------------------------------------------------------------------ checks

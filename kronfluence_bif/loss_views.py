@@ -133,6 +133,78 @@ class PerExampleView:
         self.checked = True
 
 
+class PerTokenView:
+    """One value per token, [B, T] (0 at masked tokens), from a BIFTask per-token method; checked against rows."""
+
+    def __init__(self, task: Any, name: str, per_example: PerExampleView) -> None:
+        if not _overrides(task, name):
+            raise TaskContractError(
+                f"Per-token scores need `{type(task).__name__}.{name}(batch, model)` returning a [batch_size, "
+                "seq_len] tensor (0 at padded and masked tokens); see kronfluence_bif.BIFTask, or use "
+                "kronfluence_bif.tasks.CausalLMTask for Hugging Face causal LMs."
+            )
+        self.task = task
+        self.name = name
+        self.per_example = per_example
+        self.width: Optional[int] = None
+
+    def __call__(self, batch: Any, model: nn.Module) -> torch.Tensor:
+        values = getattr(self.task, self.name)(batch, model)
+        if self.width is not None and (values.dim() != 2 or values.shape[1] != self.width):
+            raise TaskContractError(
+                f"`{type(self.task).__name__}.{self.name}` returned shape {tuple(values.shape)}, but the first batch "
+                f"had {self.width} tokens per example. Pad every batch to one fixed length T, as kronfluence requires "
+                "for per-token scores (e.g. padding='max_length')."
+            )
+        return values
+
+    def check(self, batch: Any, model: nn.Module) -> None:
+        """[B, T] values whose rows sum to the per-example values of the same examples."""
+        size = batch_size(batch)
+        values = getattr(self.task, self.name)(batch, model)
+        if not isinstance(values, torch.Tensor) or values.dim() != 2 or values.shape[0] != size:
+            shape = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
+            raise TaskContractError(
+                f"`{type(self.task).__name__}.{self.name}` must return [batch_size, seq_len] = [{size}, T], "
+                f"got {shape}."
+            )
+        rows = values.double().sum(1)
+        reference = self.per_example(batch, model).double()
+        tol = 1e-4 * (rows.abs() + reference.abs()) + 1e-6
+        if not bool(((rows - reference).abs() <= tol).all()):
+            raise TaskContractError(
+                f"The rows of `{type(self.task).__name__}.{self.name}` must sum to "
+                f"`{self.per_example.per_example_name}` of the same examples (first batch: {rows[:3].tolist()} vs "
+                f"{reference[:3].tolist()})."
+            )
+        self.width = int(values.shape[1])
+
+
+class SequenceAndTokens:
+    """Per example: the sequence value followed by its T token values, [B, 1 + T] (query side of per-token BIF)."""
+
+    def __init__(self, sequence: PerExampleView, tokens: Optional[PerTokenView]) -> None:
+        self.sequence = sequence
+        self.tokens = tokens
+
+    @property
+    def width(self) -> Optional[int]:
+        if self.tokens is None:
+            return 1
+        return None if self.tokens.width is None else 1 + self.tokens.width
+
+    def __call__(self, batch: Any, model: nn.Module) -> torch.Tensor:
+        seq = self.sequence(batch, model).reshape(-1, 1)
+        if self.tokens is None:
+            return seq
+        return torch.cat([seq, self.tokens(batch, model).to(seq.dtype)], dim=1)
+
+    def check(self, batch: Any, model: nn.Module) -> None:
+        self.sequence.check(batch, model)
+        if self.tokens is not None:
+            self.tokens.check(batch, model)
+
+
 class LossViews:
     """The per-example train losses and measurements BIF evaluates at every draw."""
 
@@ -151,3 +223,13 @@ class LossViews:
     def summed_train_loss(self, batch: Any, model: nn.Module) -> torch.Tensor:
         """The scalar loss whose gradient drives SGLD (kronfluence's own contract: summed over the batch)."""
         return self.task.compute_train_loss(batch, model, sample=False)
+
+    def train_tokens(self) -> PerTokenView:
+        return PerTokenView(self.task, "compute_per_token_train_loss", self.train)
+
+    def measurement_tokens(self, with_tokens: bool) -> SequenceAndTokens:
+        """Query side of per-token scores: the sequence measurement, and its tokens when `with_tokens`."""
+        tokens = None
+        if with_tokens and _overrides(self.task, "compute_per_token_measurement"):
+            tokens = PerTokenView(self.task, "compute_per_token_measurement", self.measurement)
+        return SequenceAndTokens(self.measurement, tokens)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fnmatch import fnmatch
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -10,9 +11,22 @@ from torch import nn
 CONSTANT_SUFFIX = "_constant"  # kronfluence's TrackedModule adds a zero scalar that must never be sampled
 
 
-def select_parameters(model: nn.Module, module_names: Optional[Sequence[str]]) -> List[Tuple[str, nn.Parameter]]:
-    """Floating-point parameters of `module_names` (the Task's tracked modules), or of the whole model."""
-    if module_names:
+def select_parameters(
+    model: nn.Module, module_names: Optional[Sequence[str]], patterns: Optional[Sequence[str]] = None
+) -> List[Tuple[str, nn.Parameter]]:
+    """Floating-point parameters matching `patterns` (fnmatch on parameter or module names), else those of
+    `module_names` (the Task's tracked modules), else the whole model's. Any module type can be selected."""
+    if patterns:
+        named = list(model.named_parameters())
+        selected = [
+            (n, p) for n, p in named if any(fnmatch(n, pat) or fnmatch(n.rpartition(".")[0], pat) for pat in patterns)
+        ]
+        if not selected:
+            raise ValueError(
+                f"BIFArguments.sampled_modules {list(patterns)} matches no parameter of the model. Parameter names "
+                f"look like {[n for n, _ in named[:6]]}; use fnmatch patterns such as '*.attn.*'."
+            )
+    elif module_names:
         available = dict(model.named_modules())
         selected: List[Tuple[str, nn.Parameter]] = []
         for name in module_names:

@@ -87,11 +87,6 @@ def validate_request(req: ScoreRequest) -> None:
             f"'bif', got module_partitions={args.module_partitions}: BIF has no per-module work to split. "
             "Use `data_partitions` to split the work."
         )
-    if req.kind == "pairwise" and args.compute_per_token_scores and not args.aggregate_train_gradients:
-        raise ValueError(
-            "`ScoreArguments.compute_per_token_scores=True` is not supported by strategy 'bif' in this version. "
-            "Set it to False."
-        )
     for name, dataset in (("train_dataset", req.train_dataset), ("query_dataset", req.query_dataset)):
         if dataset is None and name == "query_dataset" and req.kind == "self":
             continue
@@ -226,6 +221,7 @@ class BIFScorer:
             tag = f"{req.kind}_" + ("partitions" + "-".join(map(str, todo)) if partitioned else "all")
             result = self._sample(req, args, bif_args, [scored[i] for i in columns], todo, bounds, state, out, tag)
             scores = result.moments.correlation() if bif_args.normalize else result.moments.covariance()
+            scores, result.token_scores = split_token_scores(scores, *result.widths)
             logger.info("Computed BIF %s scores in %.2f seconds.", req.kind, time.time() - start)
             state.on_main(self._write_results, out, req.kind, args, bif_args, scores, todo, bounds, partitioned, result)
             if not bif_args.keep_checkpoints:
@@ -249,6 +245,7 @@ class BIFScorer:
     def _write_results(self, out, kind, args, bif_args, scores, todo, bounds, partitioned, result) -> None:
         """Diagnostics first, scores last: an existing score file always means a complete run."""
         self._write_diagnostics(out, result, bif_args)
+        self._write_token_scores(out, args, bif_args, result, partitioned)
         self._write(out, kind, args, bif_args, scores, todo, bounds, partitioned)
 
     # ------------------------------------------------------------------ arguments and metadata
@@ -292,7 +289,9 @@ class BIFScorer:
         x_reduce = None
         if args.aggregate_train_gradients:
             x_reduce = _segment_sum([bounds[p][1] - bounds[p][0] for p in todo])
-        x = Side(train_data.batches(train_rows, eval_bs), views.train, x_reduce)
+        per_token = req.kind == "pairwise" and args.compute_per_token_scores
+        x_view = views.train_tokens() if per_token else views.train
+        x = Side(train_data.batches(train_rows, eval_bs), x_view, x_reduce)
         y: Optional[Side] = None
         if req.kind == "pairwise":
             query_data = DatasetOnDevice(
@@ -302,13 +301,14 @@ class BIFScorer:
                 device,
                 cache=bif_args.cache_batches,
             )
-            y_reduce = (lambda v: v.sum(1, keepdim=True)) if args.aggregate_query_gradients else None
-            y = Side(
-                query_data.batches(req.query_indices, req.per_device_query_batch_size), views.measurement, y_reduce
-            )
+            y_view = views.measurement_tokens(bif_args.token_by_token) if per_token else views.measurement
+            y_batches = query_data.batches(req.query_indices, req.per_device_query_batch_size)
+            y = Side(y_batches, y_view)
+            if args.aggregate_query_gradients:  # sum over queries, keeping each query's [1 + T] values apart
+                y.reduce = lambda v, side=y: v.reshape(v.shape[0], -1, side.width).sum(1)
         elif args.use_measurement_for_self_influence:
             y = Side(train_data.batches(train_rows, eval_bs), views.measurement)
-        params = select_parameters(self.model, self.task.get_influence_tracked_modules())
+        params = select_parameters(self.model, self.task.get_influence_tracked_modules(), bif_args.sampled_modules)
         logger.info(
             "Sampling %d parameter tensors (%d weights) with %s: %d chains x %d draws on %d process(es).",
             len(params),
@@ -371,15 +371,27 @@ class BIFScorer:
         offset = 0
         for j, p in enumerate(todo):
             width = bounds[p][1] - bounds[p][0]
+            dim = 1 if kind == "pairwise" else 0  # the train axis ([q, n], [q, n, T] or [n])
             if args.aggregate_train_gradients:
-                part = scores[..., j : j + 1]
+                part = scores.narrow(dim, j, 1)
             else:
-                part = scores[..., offset : offset + width]
+                part = scores.narrow(dim, offset, width)
             offset += width
             storage.save_tensors(
                 storage.score_file(out, kind, (p, 0)), {storage.ALL_MODULES: part.contiguous().to(dtype)}, metadata
             )
             logger.info("Saved %s scores of data partition %d at `%s`.", kind, p, out)
+
+    @staticmethod
+    def _write_token_scores(out: Path, args: ScoreArguments, bif_args: BIFArguments, result, partitioned: bool):
+        if result.token_scores is None:
+            return
+        if partitioned:
+            logger.info("Token-by-token scores are written for unpartitioned runs only; skipped.")
+            return
+        tensors = {storage.ALL_MODULES: result.token_scores.contiguous().to(as_dtype(args.score_dtype))}
+        storage.save_tensors(out / storage.BIF_TOKEN_SCORES_FILE, tensors, header_metadata(args, bif_args))
+        logger.info("Saved token-by-token scores %s at `%s`.", tuple(result.token_scores.shape), out)
 
     @staticmethod
     def _write_diagnostics(out: Path, result: SamplingResult, bif_args: BIFArguments) -> None:
@@ -395,6 +407,15 @@ def header_metadata(args: ScoreArguments, bif_args: BIFArguments) -> Dict[str, s
     metadata = args.to_str_dict()
     metadata[storage.BIF_HEADER_KEY] = json.dumps(bif_args.to_dict())
     return metadata
+
+
+def split_token_scores(scores: torch.Tensor, x_width: int, y_width: int):
+    """[q * y_width, n * x_width] -> kronfluence's scores ([q, n] or [q, n, T]) and token-by-token [q, Tq, n, T]."""
+    if x_width == 1 and y_width == 1:
+        return scores, None
+    blocks = scores.reshape(-1, y_width, scores.shape[-1] // x_width, x_width)
+    token = blocks[:, 1:] if y_width > 1 else None
+    return blocks[:, 0], token
 
 
 def _segment_sum(widths: List[int]):
