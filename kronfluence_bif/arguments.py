@@ -83,6 +83,12 @@ class BIFArguments:
         "modules, else every parameter.",
         default=None,
     )
+    moment_memory_gb: float = _help(
+        "Budget for the float64 cross-moment sums on the device. Pairwise runs whose [dim_query, dim_train] sums "
+        "exceed it (e.g. per-token scores) run in blocks of training columns, re-running the identical chains for "
+        "each block (time grows, memory does not).",
+        default=4.0,
+    )
     keep_checkpoints: bool = _help(
         "Keep the checkpoints after the final scores are written (they are removed by default).", default=False
     )
@@ -109,6 +115,7 @@ class BIFArguments:
         _check_float("nbeta", self.nbeta, low=0.0, hint="typical values are 10 to the training set size")
         _check_float("localization", self.localization, low=0.0, allow_zero=True, hint="typical values 10 to 1e4")
         _check_float("rmsprop_eps", self.rmsprop_eps, low=0.0, hint="typical values 1e-8 to 1")
+        _check_float("moment_memory_gb", self.moment_memory_gb, low=0.0, hint="e.g. 4")
         _check_float("divergence_loss_ratio", self.divergence_loss_ratio, low=1.0, hint="e.g. 1000")
         max_precond = 1.0 if self.sampler == "sgld" else 1.0 / float(self.rmsprop_eps)
         if float(self.step_size) * float(self.localization) * max_precond >= 4.0:

@@ -64,7 +64,7 @@ def remove_checkpoints(scores_dir: Path, tag: Optional[str] = None) -> int:
     folder = scores_dir / CHECKPOINT_DIR
     if not folder.is_dir():
         return 0
-    pattern = "*.safetensors" if tag is None else f"{tag}_chain*.safetensors"
+    pattern = "*.safetensors" if tag is None else f"{tag}_*chain*.safetensors"  # also its column blocks
     removed = 0
     for path in folder.glob(pattern):
         path.unlink(missing_ok=True)

@@ -211,6 +211,7 @@ class SamplingEngine:
         self._lay = lay = self._layout(plan)
         f32 = {"dtype": torch.float32, "device": self.device}
         shift = torch.empty(lay.n_x + lay.n_y, **f32)
+        self.weights.reset()  # the shift is the value at w*, whatever ran before (column blocks share the y sums)
         self._evaluate(shift, None)
         init_mean = float(shift[: lay.n_x].double().mean()) if lay.n_x else 0.0
         if not math.isfinite(init_mean) or not bool(torch.isfinite(shift).all()):

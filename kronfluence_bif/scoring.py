@@ -24,6 +24,7 @@ from kronfluence_bif.distributed import ProcessState, process_state, unwrap_mode
 from kronfluence_bif.engine import SamplingEngine, SamplingResult, Side
 from kronfluence_bif.logs import logger, warn_once
 from kronfluence_bif.loss_views import LossViews
+from kronfluence_bif.moments import CrossMoments
 from kronfluence_bif.parameters import SampledWeights, select_parameters
 
 # ScoreArguments fields that have no meaning for BIF (no gradients, no preconditioner): warned once when set.
@@ -319,36 +320,60 @@ class BIFScorer:
             state.num_processes,
         )
         plan = state.plan(bif_args.num_chains)
-        checkpoints = None
-        if bif_args.checkpoint_interval > 0:
+
+        def store(name: str) -> Optional[CheckpointStore]:
+            if bif_args.checkpoint_interval <= 0:
+                return None
             content = {
                 "bif": bif_args.to_dict(),
                 "score": args.to_dict(),
                 "kind": req.kind,
-                "tag": tag,
+                "tag": name,
                 "train": storage.dataset_metadata(req.train_dataset, req.train_indices),
                 "query": None
                 if req.query_dataset is None
                 else storage.dataset_metadata(req.query_dataset, req.query_indices),
             }
-            checkpoints = CheckpointStore(out, tag, fingerprint(content), plan.shard, plan.num_shards)
+            return CheckpointStore(out, name, fingerprint(content), plan.shard, plan.num_shards)
+
         with SampledWeights(self.model, params) as weights:
-            engine = SamplingEngine(
-                self.model,
-                views,
-                weights,
-                stream,
-                x,
-                y,
-                bif_args,
-                diagonal=req.kind == "self",
-                amp_dtype=as_dtype(args.amp_dtype),
-                disable_tqdm=self.disable_tqdm,
-                state=state,
-                checkpoints=checkpoints,
-            )
+
+            def engine_for(x_side: Side, checkpoints: Optional[CheckpointStore]) -> SamplingEngine:
+                return SamplingEngine(
+                    self.model,
+                    views,
+                    weights,
+                    stream,
+                    x_side,
+                    y,
+                    bif_args,
+                    diagonal=req.kind == "self",
+                    amp_dtype=as_dtype(args.amp_dtype),
+                    disable_tqdm=self.disable_tqdm,
+                    state=state,
+                    checkpoints=checkpoints,
+                )
+
+            engine = engine_for(x, store(tag))
             engine.check_views()
-            return engine.run()
+            blocks = column_blocks(x, y, train_rows, bif_args.moment_memory_gb)
+            if len(blocks) == 1:
+                return engine.run()
+            logger.info(
+                "The moment sums exceed moment_memory_gb=%g: computing %d blocks of training columns, re-running the "
+                "same chains for each.",
+                bif_args.moment_memory_gb,
+                len(blocks),
+            )
+            results = []
+            for k, rows in enumerate(blocks):
+                x_block = Side(train_data.batches(rows, eval_bs), x.view)
+                result = engine_for(x_block, store(f"{tag}_block{k}of{len(blocks)}")).run()
+                result.moments.to(torch.device("cpu"))
+                results.append(result)
+            merged = results[0]
+            merged.moments = CrossMoments.concat_x([r.moments for r in results])
+            return merged
 
     # ------------------------------------------------------------------ writing
     def _write(
@@ -407,6 +432,16 @@ def header_metadata(args: ScoreArguments, bif_args: BIFArguments) -> Dict[str, s
     metadata = args.to_str_dict()
     metadata[storage.BIF_HEADER_KEY] = json.dumps(bif_args.to_dict())
     return metadata
+
+
+def column_blocks(x: Side, y: Optional[Side], rows: List[int], budget_gb: float) -> List[List[int]]:
+    """Split the scored training rows so each block's float64 cross sums fit in `budget_gb` (pairwise only)."""
+    if y is None or x.reduce is not None:
+        return [rows]
+    dim_y = int(y.reduce(torch.zeros(1, y.columns)).shape[1]) if y.reduce is not None else y.columns
+    needed = 8.0 * dim_y * x.columns / 1e9
+    count = min(len(rows), max(1, int(np.ceil(needed / budget_gb))))
+    return [list(map(int, block)) for block in np.array_split(np.asarray(rows), count)]
 
 
 def split_token_scores(scores: torch.Tensor, x_width: int, y_width: int):

@@ -103,6 +103,9 @@ def runs(tmp_path_factory):
     kw = dict(query_dataset=query, train_dataset=train, per_device_query_batch_size=2, per_device_train_batch_size=5)
     analyzer.compute_pairwise_scores("tok", "bif", score_args=ScoreArguments(compute_per_token_scores=True), **kw)
     analyzer.compute_pairwise_scores("seq", "bif", **kw)
+    analyzer.fit_all_factors("bif_blocks", train, bif_args=BIFArguments(**ARGS, moment_memory_gb=3e-5))
+    tok_args = ScoreArguments(compute_per_token_scores=True)
+    analyzer.compute_pairwise_scores("blocks", "bif_blocks", score_args=tok_args, **kw)
     return analyzer, out / "t", train, query
 
 
@@ -145,6 +148,18 @@ def test_token_by_token_sums_over_query_tokens_to_the_per_token_file(runs):
     full = storage.load_tensors(folder / "scores_tok" / storage.BIF_TOKEN_SCORES_FILE)["all_modules"].double()
     # the measurement is the summed per-token loss, so summing the query tokens gives the sequence measurement
     assert torch.allclose(full.sum(1), tok, rtol=1e-3, atol=1e-4 * float(tok.abs().max()))
+
+
+def test_memory_budget_splits_columns_into_blocks_with_the_same_result(runs):
+    analyzer, folder, _, _ = runs
+    # 3e-5 GB = 30 kB: the [3 * 9, 24 * 8] float64 sums (41 kB) need two blocks of training rows, each re-running
+    # the identical chains; values differ from one pass only by the batch composition of the evaluation (float32)
+    tok = analyzer.load_pairwise_scores("tok")["all_modules"].double()
+    blocks = analyzer.load_pairwise_scores("blocks")["all_modules"].double()
+    assert torch.allclose(blocks, tok, rtol=1e-4, atol=1e-5 * float(tok.abs().max()))
+    full = storage.load_tensors(folder / "scores_blocks" / storage.BIF_TOKEN_SCORES_FILE)["all_modules"]
+    assert full.shape == (3, T, 24, T)
+    assert not (folder / "scores_blocks" / "bif_checkpoints").exists()
 
 
 def test_sampled_modules_patterns():

@@ -52,12 +52,14 @@ from kronfluence_bif.tasks import IGNORE_INDEX
 
 PAD_TOKEN, UNK_TOKEN = "<pad>", "<unk>"
 MODEL_FILE, CONFIG_FILE, VOCAB_FILE, TRAINING_FILE = "model.safetensors", "config.json", "vocab.json", "training.json"
+# kronfluence-bif's defaults (step 3e-4, nbeta 1000, gamma 1000: `calibrate` recommends this step on this model),
+# fewer and shorter chains for a CPU demo, and correlations (the paper's normalized BIF, used for its figures)
 DEFAULT_BIF_ARGS: Dict[str, Any] = {
     "num_chains": 2,
-    "num_draws": 200,
+    "num_draws": 300,
     "num_burnin_steps": 50,
-    "normalize": True,
     "sampler_batch_size": 32,
+    "normalize": True,
 }
 
 
@@ -571,13 +573,15 @@ def plot_token_heatmaps(
     vmax = max([float(np.abs(v).max()) for v in values if v.size] + [1e-12])
     width = max(4.0, 0.14 * max([len(c) for _, c in panels] + [1]) + 1.5)
     heights = [max(1.0, 0.14 * len(rows)) + 0.6 for _ in panels]
-    fig, axes = plt.subplots(len(panels), 1, figsize=(width, sum(heights) + 0.8), squeeze=False)
+    fig, axes = plt.subplots(
+        len(panels), 1, figsize=(width, sum(heights) + 0.8), squeeze=False, layout="constrained", height_ratios=heights
+    )
     for ax, (i, cols), value in zip(axes[:, 0], panels, values):
         image = ax.imshow(value, cmap="RdBu_r", vmin=-vmax, vmax=vmax, aspect="auto", interpolation="nearest")
         ax.set_xticks(range(len(cols)), [display_token(tokenizer.itos[train_ids[i, c]]) for c in cols], fontsize=6)
         ax.set_yticks(range(len(rows)), [display_token(tokenizer.itos[query_ids[r]]) for r in rows], fontsize=6)
         ax.tick_params(length=0)
-        ax.set_title(f"train #{i} (sum {value.sum():+.3g})", fontsize=8, loc="left")
+        ax.set_title(f"train #{i} (cells sum to {value.sum():+.3g})", fontsize=8, loc="left")
     fig.colorbar(image, ax=axes[:, 0].tolist(), shrink=0.6, label="influence")
     fig.suptitle(title or "token-by-token influence (rows: query tokens, columns: training tokens)", fontsize=9)
     path = Path(path)
@@ -633,6 +637,7 @@ def render_influence_html(
     token_scores: Optional[np.ndarray] = None,
     top_k: int = 3,
     title: str = "Per-token influence",
+    note: str = "",
 ) -> Path:
     """An HTML page of tokens coloured by influence (red positive, blue negative; paper Fig. 16-19).
 
@@ -644,7 +649,7 @@ def render_influence_html(
     query_muted = query_labels == IGNORE_INDEX
     caption = (
         "Red: the training token helps (lowers the loss of) the query's completion; blue: it hurts. Grey text is "
-        "the prompt (no loss). Hover a token for its score."
+        "the prompt (no loss). Hover a token for its score. " + note
     )
     out = [HTML_HEAD.format(title=html.escape(title), caption=caption)]
     for q in range(query_ids.shape[0]):
@@ -837,6 +842,7 @@ def render_all(
     per_token: np.ndarray,
     token_scores: Optional[np.ndarray],
     top: int,
+    note: str = "",
 ) -> List[Path]:
     """The HTML page for a method and, with token-by-token scores, one heatmap PNG per query."""
     paths = [
@@ -851,6 +857,7 @@ def render_all(
             token_scores,
             top,
             title=f"{name}: per-token influence",
+            note=note,
         )
     ]
     if token_scores is not None:
@@ -922,7 +929,8 @@ def score_and_render(model: nn.Module, tokenizer: CharTokenizer, split: CorpusSp
     results["ekfac"] = ekfac
     print(f"\nEK-FAC per-token scores {list(ekfac.shape)} -> {out}/scores/scores_ekfac_per_token/")
     # kronfluence's score at input position t is (almost all) the prediction of token t + 1: show it there
-    results["renders"] = render_all(out, "ekfac", tokenizer, arrays, shift_to_targets(ekfac), None, args.top)
+    note = "EK-FAC's score at input position t is shown on the token it predicts (t + 1), see `shift_to_targets`."
+    results["renders"] = render_all(out, "ekfac", tokenizer, arrays, shift_to_targets(ekfac), None, args.top, note)
     if not args.skip_bif:
         bif_args = BIFArguments(**{**DEFAULT_BIF_ARGS, **json.loads(args.bif_args)})
         bif, token_scores, results["bif_usage"] = run_bif_per_token(analyzer, train, queries, bif_args, scored)
