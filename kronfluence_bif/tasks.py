@@ -116,12 +116,19 @@ class CausalLMTask(BIFTask):
     the paper's sec. 4.3). Without ``labels`` every attended token is a label. The model is called as
     ``model(input_ids=..., attention_mask=...)`` and returns logits ``[B, T, V]`` (a tensor or ``.logits``).
 
-    Labels are shifted the Hugging Face way: the logits at position ``t - 1`` predict ``labels[:, t]``. Per-token
-    values are aligned with the input positions: column ``t`` holds the loss of predicting token ``t`` from the
-    tokens before it, so column 0 is always 0, as is every position with ``labels == -100`` or
-    ``attention_mask == 0``. Everything is a sum (kronfluence's convention): per-example values are the row sums
-    of the per-token values, and the scalar methods are the sums of the per-example values. Logits are upcast to
-    float32 before the softmax.
+    Labels are shifted the Hugging Face way: the logits at position ``t`` predict ``labels[:, t + 1]``. Where a
+    per-token value sits is set by `token_position`:
+
+    - ``"input"`` (default, kronfluence's convention): column ``t`` holds the loss of the prediction made at
+      position ``t`` (of token ``t + 1``). kronfluence's per-token scores come from the activations at position
+      ``t``, whose effect is that prediction, so BIF's ``[n_query, n_train, T]`` file is index-aligned with
+      EK-FAC's: the last real token is 0 in both.
+    - ``"target"``: column ``t`` holds the loss of predicting token ``t`` (the paper's per-token loss on the
+      predicted token); column 0 is 0.
+
+    Either way every position whose predicted label is ``-100`` (or padding) is exactly 0. Everything is a sum
+    (kronfluence's convention): per-example values are the row sums of the per-token values, and the scalar
+    methods are the sums of the per-example values. Logits are upcast to float32 before the softmax.
 
     The measurement is the same summed loss on the query's labelled tokens (the completion's negative
     log-likelihood), so it is loss-like: a positive score means the training sequence helps the completion.
@@ -129,8 +136,11 @@ class CausalLMTask(BIFTask):
     `get_influence_tracked_modules`; for BIF it also restricts which weights are sampled.
     """
 
-    def __init__(self, tracked_modules: Optional[List[str]] = None) -> None:
+    def __init__(self, tracked_modules: Optional[List[str]] = None, token_position: str = "input") -> None:
+        if token_position not in ("input", "target"):
+            raise ValueError(f"CausalLMTask(token_position=...) must be 'input' or 'target', got {token_position!r}.")
         self.tracked_modules = tracked_modules
+        self.token_position = token_position
 
     # ------------------------------------------------------------------ helpers
     def _forward(self, batch: Any, model: nn.Module) -> torch.Tensor:
@@ -150,14 +160,14 @@ class CausalLMTask(BIFTask):
         return labels
 
     def _per_token(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy ``[B, T]`` aligned with input positions; exactly 0 at position 0 and ignored labels."""
+        """Cross-entropy ``[B, T]`` placed by `token_position`; exactly 0 where the predicted label is ignored."""
         batch, length, vocab = logits.shape
         targets = labels[:, 1:]
         losses = F.cross_entropy(
             logits[:, :-1].reshape(-1, vocab), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
         ).view(batch, length - 1)
         losses = torch.where(targets == IGNORE_INDEX, torch.zeros_like(losses), losses)
-        return F.pad(losses, (1, 0))
+        return F.pad(losses, (0, 1) if self.token_position == "input" else (1, 0))
 
     def _sampled_labels(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Labels drawn from the model's softmax at the labelled positions (kronfluence's true-Fisher sampling)."""
@@ -169,7 +179,7 @@ class CausalLMTask(BIFTask):
 
     # ------------------------------------------------------------------ per-token views
     def compute_per_token_train_loss(self, batch: Any, model: nn.Module) -> torch.Tensor:
-        """Loss of predicting each token, ``[B, T]``; 0 at position 0, masked labels and padding."""
+        """Loss of each next-token prediction, ``[B, T]`` (see `token_position`); 0 where no loss is taken."""
         return self._per_token(self._forward(batch, model), self._targets(batch))
 
     def compute_per_token_measurement(self, batch: Any, model: nn.Module) -> torch.Tensor:

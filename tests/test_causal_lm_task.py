@@ -50,7 +50,7 @@ def reference_per_token(model: torch.nn.Module, batch: Dict[str, torch.Tensor]) 
 
 def test_per_token_matches_hand_written_reference(gpt2):
     batch = make_batch()
-    task = CausalLMTask()
+    task = CausalLMTask(token_position="target")
     with torch.no_grad():
         per_token = task.compute_per_token_train_loss(batch, gpt2)
         measurement = task.compute_per_token_measurement(batch, gpt2)
@@ -63,11 +63,22 @@ def test_per_token_matches_hand_written_reference(gpt2):
 def test_masked_padded_and_first_tokens_are_exactly_zero(gpt2):
     batch = make_batch()
     with torch.no_grad():
-        per_token = CausalLMTask().compute_per_token_train_loss(batch, gpt2)
+        per_token = CausalLMTask(token_position="target").compute_per_token_train_loss(batch, gpt2)
     ignored = (batch["labels"] == -100) | (batch["attention_mask"] == 0)
     ignored[:, 0] = True
     assert torch.all(per_token[ignored] == 0)
     assert torch.all(per_token[~ignored] > 0)
+
+
+def test_default_token_position_is_kronfluences_input_position(gpt2):
+    """Default: the loss of the prediction made at position t sits at t (kronfluence's activations at t)."""
+    batch = make_batch()
+    with torch.no_grad():
+        target = CausalLMTask(token_position="target").compute_per_token_train_loss(batch, gpt2)
+        default = CausalLMTask().compute_per_token_train_loss(batch, gpt2)
+    assert torch.equal(default[:, :-1], target[:, 1:]) and torch.all(default[:, -1] == 0)
+    with pytest.raises(ValueError, match="token_position"):
+        CausalLMTask(token_position="middle")
 
 
 def test_attention_mask_masks_tokens_even_when_labels_do_not():
@@ -78,7 +89,7 @@ def test_attention_mask_masks_tokens_even_when_labels_do_not():
     ).eval()
     batch = make_batch()
     unlabelled = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    task = CausalLMTask()
+    task = CausalLMTask(token_position="target")
     with torch.no_grad():
         per_token = task.compute_per_token_train_loss(unlabelled, model)
     assert torch.all(per_token[batch["attention_mask"] == 0] == 0)

@@ -90,9 +90,6 @@ class CharTokenizer:
         """Text of `ids`, padding dropped."""
         return "".join(self.itos[int(i)] for i in ids if int(i) != self.pad_id)
 
-    def chars(self) -> List[str]:
-        return self.itos[2:]
-
 
 def display_token(token: str) -> str:
     """A visible form of a character for tick labels and tables (space, newline and tab get symbols)."""
@@ -212,20 +209,22 @@ def make_queries(
     length: int = 64,
     seed: int = 0,
 ) -> Tuple[TokenDataset, List[Tuple[str, str]]]:
-    """`n` prompt/completion queries from held-out prose paragraphs, absent from the training text.
+    """`n` prompt/completion queries from held-out prose paragraphs, absent from the training text (up to whitespace).
 
     Each query is the paragraph's start (whitespace collapsed) cut at a word boundary to at most `length - 1`
     characters and split at the word boundary nearest its middle; labels are -100 on the prompt and padding.
     """
     pairs: List[Tuple[str, str]] = []
+    flat_train = " ".join(train_text.split())
     for index in np.random.RandomState(seed).permutation(len(heldout)):
         paragraph = heldout[index]
         text = " ".join(paragraph.split())
         if not _is_prose(paragraph) or len(text) < length // 2:
             continue
-        text = text[: text.rfind(" ", 0, length)] if len(text) >= length else text
+        if len(text) >= length:
+            text = text[: max(0, text.rfind(" ", 0, length))]
         spaces = [i for i, ch in enumerate(text) if ch == " "]
-        if not spaces or text in train_text:
+        if not spaces or text in flat_train:
             continue
         cut = min(spaces, key=lambda i: abs(i - len(text) / 2))
         pairs.append((text[:cut], text[cut:]))
@@ -238,7 +237,9 @@ def make_queries(
 
 
 # ====================================================================== model
-def make_model(vocab_size: int, n_layer: int = 2, n_embd: int = 128, n_head: int = 4, context: int = 64, seed: int = 0):
+def make_model(
+    vocab_size: int, n_layer: int = 2, n_embd: int = 128, n_head: int = 4, context: int = 64, seed: int = 0
+) -> nn.Module:
     """A small GPT-2 (`GPT2LMHeadModel`): dropout off, seeded initialization, untied output layer.
 
     The output layer (`lm_head`) has its own weight, so EK-FAC's tracked `lm_head` and BIF's sampled `lm_head`
@@ -301,6 +302,7 @@ class TrainingStats:
     train_loss: float
     heldout_loss: float
     threads: int
+    cached: bool = False  # True when the weights were loaded from the cache instead of trained by this run
 
 
 def _windows(ids: torch.Tensor, starts: torch.Tensor, context: int) -> torch.Tensor:
@@ -392,11 +394,11 @@ def load_or_train(
         if json.loads(files[2].read_text()) == tokenizer.itos and cached_config == json.loads(json.dumps(config)):
             load_model(model, str(files[0]))
             logger.info("Loaded the trained model from %s (delete it or pass --retrain to train again).", files[0])
-            return model.eval(), TrainingStats(**json.loads(files[3].read_text()))
+            return model.eval(), TrainingStats(**{**json.loads(files[3].read_text()), "cached": True})
         logger.info("Cached model in %s does not match this configuration; training again.", output_dir)
-    ids = lambda text: torch.tensor(tokenizer.encode(text), dtype=torch.long)  # noqa: E731
-    heldout = ids("\n\n".join(split.heldout_paragraphs))
-    stats = train_lm(model, ids(split.train_text), heldout, context=model_kwargs.get("context", 64), **train_kwargs)
+    train_ids = torch.tensor(tokenizer.encode(split.train_text), dtype=torch.long)
+    heldout_ids = torch.tensor(tokenizer.encode("\n\n".join(split.heldout_paragraphs)), dtype=torch.long)
+    stats = train_lm(model, train_ids, heldout_ids, context=model_kwargs.get("context", 64), **train_kwargs)
     save_model(model, str(files[0]))
     files[1].write_text(json.dumps(config, indent=2))
     files[2].write_text(json.dumps(tokenizer.itos, ensure_ascii=False))
@@ -899,7 +901,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     model, stats = load_or_train(out / "model", tokenizer, split, model_kwargs, train_kwargs, args.retrain)
     n_params = sum(p.numel() for p in model.parameters())
     print(
-        f"Model: GPT-2 {args.n_layer} layers x {args.n_embd}, {n_params / 1e3:.0f}k parameters; trained {stats.steps} "
+        f"Model: GPT-2 {args.n_layer} layers x {args.n_embd}, {n_params / 1e3:.0f}k parameters; "
+        f"{'loaded from the cache (--retrain to train again), ' if stats.cached else ''}trained {stats.steps} "
         f"steps in {stats.seconds:.0f} s ({stats.threads} thread(s)): loss {stats.train_loss:.3f} nats/char, "
         f"held-out {stats.heldout_loss:.3f}"
     )
@@ -918,7 +921,8 @@ def score_and_render(model: nn.Module, tokenizer: CharTokenizer, split: CorpusSp
     for q, (prompt, completion) in enumerate(pairs):
         print(f"  query {q}: {prompt!r} -> {completion!r}")
     model = conv1d_to_linear(model)
-    task = CausalLMTask(tracked_modules=linear_module_names(model))
+    # the demo shows each loss on the token it predicts ("target"); EK-FAC is shifted the same way for display
+    task = CausalLMTask(tracked_modules=linear_module_names(model), token_position="target")
     model = prepare_model(model, task)
     analyzer = Analyzer("scores", model, task, cpu=True, output_dir=str(out), disable_tqdm=args.quiet)
     arrays = _score_inputs(train.subset(scored), queries)
