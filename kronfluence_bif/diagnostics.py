@@ -109,7 +109,7 @@ def summarize(
             if product < 4.0:
                 effect = f"inflates the variance along the sharpest directions by (1 - {product:.2g}/4)^-1"
             else:
-                effect = "is beyond SGLD's stability limit of 4 there: the chain does not sample the posterior"
+                effect = "steps beyond its stability limit of 4 there: the chain does not sample the posterior"
             warnings.append(
                 _warning(
                     "sharpness",

@@ -12,6 +12,7 @@ batch by batch, exchanging their values once per block of draws.
 from __future__ import annotations
 
 import os
+import pickle
 from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence
 
@@ -180,6 +181,11 @@ class ProcessState:
             if error is not None:
                 raise error
             return result
+        if error is not None:
+            try:
+                pickle.dumps(error)
+            except Exception:  # noqa: BLE001 - an unpicklable exception must still reach every process
+                error = RuntimeError(f"{type(error).__name__}: {error}")
         result, error = self.broadcast_object((result, error))
         if error is not None:
             raise error

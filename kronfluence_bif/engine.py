@@ -85,6 +85,7 @@ class SamplingResult:
     sharpness: Optional[float] = None  # largest preconditioned curvature after burn-in (diagnostics)
     widths: Tuple[int, int] = (1, 1)  # values per train example and per query (per-token runs: T and 1 + T)
     token_scores: Optional[torch.Tensor] = None  # [q, Tq, n, T] when the query side has token values
+    scores: Optional[torch.Tensor] = None  # set when column blocks were pooled into scores already
 
 
 @dataclass
@@ -213,7 +214,7 @@ class SamplingEngine:
         shift = torch.empty(lay.n_x + lay.n_y, **f32)
         self.weights.reset()  # the shift is the value at w*, whatever ran before (column blocks share the y sums)
         self._evaluate(shift, None)
-        init_mean = float(shift[: lay.n_x].double().mean()) if lay.n_x else 0.0
+        init_mean = float(self._mean_x(shift[None, : lay.n_x])[0]) if lay.n_x else 0.0
         if not math.isfinite(init_mean) or not bool(torch.isfinite(shift).all()):
             raise SamplerDivergenceError(
                 "The losses/measurements at the trained weights w* are not finite; BIF cannot start. "
@@ -328,6 +329,17 @@ class SamplingEngine:
             )
         return moments, summary
 
+    def _mean_x(self, values: torch.Tensor) -> torch.Tensor:
+        """Mean over train examples of their value (per-token values summed per example) for each draw."""
+        return values.double().sum(1) / max(self.x.size, 1)
+
+    def _mean_y(self, values: torch.Tensor) -> torch.Tensor:
+        """Mean over queries of the (sequence) measurement: column 0 of each query's [1 + T] values."""
+        values = values.double()
+        if self.y.width > 1:
+            values = values.view(values.shape[0], self.y.size, self.y.width)[..., 0]
+        return values.mean(1)
+
     def _estimate_sharpness(self, sampler: SGLD) -> Optional[float]:
         """lambda_max of G^1/2 (nbeta/m H) G^1/2 on a fixed minibatch; None when double backward fails."""
         m = self.stream.batch_size
@@ -356,10 +368,10 @@ class SamplingEngine:
         block = self._buffer[:filled]
         self.state.all_gather_columns(block, lay.gather_columns, self._plan.group_ranks)
         bx, by = block[:, : lay.n_x], block[:, lay.n_x :]
-        mean_x = bx.double().mean(1)
+        mean_x = self._mean_x(bx)
         self._raise_if_diverged(mean_x, block, chain, first)
         traces["mean_train_loss"][chain, first : first + filled] = mean_x
-        traces["mean_measurement"][chain, first : first + filled] = by.double().mean(1) if lay.n_y else mean_x
+        traces["mean_measurement"][chain, first : first + filled] = self._mean_y(by) if lay.n_y else mean_x
         x = bx.double() - self._shift[: lay.n_x]
         if self.x.reduce is not None:
             x = self.x.reduce(x)

@@ -194,10 +194,10 @@ class SequenceAndTokens:
         return None if self.tokens.width is None else 1 + self.tokens.width
 
     def __call__(self, batch: Any, model: nn.Module) -> torch.Tensor:
-        seq = self.sequence(batch, model).reshape(-1, 1)
         if self.tokens is None:
-            return seq
-        return torch.cat([seq, self.tokens(batch, model).to(seq.dtype)], dim=1)
+            return self.sequence(batch, model).reshape(-1, 1)
+        tokens = self.tokens(batch, model)  # one forward: the checked contract makes the row sums the sequence values
+        return torch.cat([tokens.sum(1, keepdim=True), tokens], dim=1)
 
     def check(self, batch: Any, model: nn.Module) -> None:
         self.sequence.check(batch, model)

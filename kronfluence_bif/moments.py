@@ -93,22 +93,6 @@ class CrossMoments:
             setattr(self, name, getattr(self, name).to(device))
         return self
 
-    @classmethod
-    def concat_x(cls, parts: list[CrossMoments]) -> CrossMoments:
-        """Join moments of the same draws computed for disjoint blocks of x (columns), in order."""
-        first = parts[0]
-        if first.diagonal or any(p.count != first.count for p in parts):
-            raise ValueError("concat_x needs non-diagonal moments of the same draws.")
-        if any(not torch.allclose(p.sum_y, first.sum_y, rtol=1e-6, atol=1e-9) for p in parts):
-            raise ValueError("concat_x needs the same y draws (and y shift) in every part.")
-        out = cls(0, 0, diagonal=False, device=first.sum_x.device)
-        out.count = first.count
-        out.sum_y, out.sum_yy = first.sum_y, first.sum_yy
-        out.sum_x = torch.cat([p.sum_x for p in parts])
-        out.sum_xx = torch.cat([p.sum_xx for p in parts])
-        out.sum_xy = torch.cat([p.sum_xy for p in parts], dim=1)
-        return out
-
     # ------------------------------------------------------------------ (de)serialization for resume
     def state_dict(self) -> Dict[str, torch.Tensor]:
         return {

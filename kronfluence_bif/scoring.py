@@ -24,7 +24,6 @@ from kronfluence_bif.distributed import ProcessState, process_state, unwrap_mode
 from kronfluence_bif.engine import SamplingEngine, SamplingResult, Side
 from kronfluence_bif.logs import logger, warn_once
 from kronfluence_bif.loss_views import LossViews
-from kronfluence_bif.moments import CrossMoments
 from kronfluence_bif.parameters import SampledWeights, select_parameters
 
 # ScoreArguments fields that have no meaning for BIF (no gradients, no preconditioner): warned once when set.
@@ -221,15 +220,18 @@ class BIFScorer:
             columns = [i for p in todo for i in range(*bounds[p])]
             tag = f"{req.kind}_" + ("partitions" + "-".join(map(str, todo)) if partitioned else "all")
             result = self._sample(req, args, bif_args, [scored[i] for i in columns], todo, bounds, state, out, tag)
-            scores = result.moments.correlation() if bif_args.normalize else result.moments.covariance()
+            if result.scores is None:
+                scores = result.moments.correlation() if bif_args.normalize else result.moments.covariance()
+            else:
+                scores = result.scores
             scores, result.token_scores = split_token_scores(scores, *result.widths)
             logger.info("Computed BIF %s scores in %.2f seconds.", req.kind, time.time() - start)
             state.on_main(self._write_results, out, req.kind, args, bif_args, scores, todo, bounds, partitioned, result)
             if not bif_args.keep_checkpoints:
                 state.on_main(remove_checkpoints, out, tag)
         if partitioned:
-            aggregated = state.on_main(aggregate_partitions, out, req.kind, args, bif_args)
-            if aggregated is None:
+            aggregated = state.on_main(lambda: aggregate_partitions(out, req.kind, args, bif_args) is not None)
+            if not aggregated:
                 logger.info("Scores are not aggregated as scores for some partitions are not yet computed.")
         return None
 
@@ -257,6 +259,8 @@ class BIFScorer:
         if ow:
             storage.score_file(out, req.kind).unlink(missing_ok=True)
             storage.remove_stale_partitions(out, req.kind)
+            for name in (storage.BIF_TOKEN_SCORES_FILE, storage.BIF_TRACES_FILE, storage.BIF_DIAGNOSTICS_FILE):
+                (out / name).unlink(missing_ok=True)
         storage.save_or_check_json(out / storage.SCORE_ARGUMENTS_FILE, req.score_args.to_dict(), "arguments", ow)
         storage.save_or_check_json(out / storage.FACTOR_ARGUMENTS_FILE, factor_args.to_dict(), "arguments", ow)
         storage.save_or_check_json(out / storage.BIF_ARGUMENTS_FILE, bif_args.to_dict(), "BIF arguments", ow)
@@ -365,14 +369,17 @@ class BIFScorer:
                 bif_args.moment_memory_gb,
                 len(blocks),
             )
-            results = []
+            parts, merged = [], None
             for k, rows in enumerate(blocks):
                 x_block = Side(train_data.batches(rows, eval_bs), x.view)
                 result = engine_for(x_block, store(f"{tag}_block{k}of{len(blocks)}")).run()
-                result.moments.to(torch.device("cpu"))
-                results.append(result)
-            merged = results[0]
-            merged.moments = CrossMoments.concat_x([r.moments for r in results])
+                # each block's scores from its own sums: re-run chains need not be bit-identical (GPU kernels)
+                parts.append(
+                    (result.moments.correlation() if bif_args.normalize else result.moments.covariance()).cpu()
+                )
+                merged = merged or result
+                result.moments = None
+            merged.scores = torch.cat(parts, dim=-1)
             return merged
 
     # ------------------------------------------------------------------ writing
