@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils import data
 
 from kronfluence_bif import storage
-from kronfluence_bif.arguments import BIFArguments
+from kronfluence_bif.arguments import RUN_CONTROL_FIELDS, BIFArguments
 from kronfluence_bif.distributed import process_state
 from kronfluence_bif.logs import logger
 from kronfluence_bif.scoring import BIFScorer, ScoreRequest
@@ -93,7 +93,9 @@ class Analyzer(KronfluenceAnalyzer):
         def record() -> None:
             folder.mkdir(parents=True, exist_ok=True)
             storage.save_or_check_json(folder / storage.FACTOR_ARGUMENTS_FILE, factor_args.to_dict(), "arguments", ow)
-            storage.save_or_check_json(folder / storage.BIF_ARGUMENTS_FILE, bif_args.to_dict(), "BIF arguments", ow)
+            storage.save_or_check_json(
+                folder / storage.BIF_ARGUMENTS_FILE, bif_args.to_dict(), "BIF arguments", ow, ignore=RUN_CONTROL_FIELDS
+            )
 
         process_state(self.model).on_main(record)  # one writer; a mismatch raises on every process
         logger.info("Strategy `bif` fits no factors; recorded its arguments at `%s`.", folder)

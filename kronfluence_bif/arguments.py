@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 SAMPLERS = ("sgld", "rmsprop_sgld")
+# fields that change how a run is executed, not its result: a rerun may change them (e.g. to resume differently)
+RUN_CONTROL_FIELDS = ("checkpoint_interval", "keep_checkpoints", "cache_batches")
 
 
 def _help(text: str, **kwargs: Any) -> Any:

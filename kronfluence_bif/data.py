@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence
 
 import torch
 from accelerate.utils import send_to_device
@@ -12,6 +12,25 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from kronfluence_bif.loss_views import slice_batch
 
 
+def plain(batch: Any) -> Any:
+    """Mappings such as Hugging Face's `BatchEncoding` become dicts, so every tensor is a pytree leaf."""
+    if isinstance(batch, Mapping) and not isinstance(batch, dict):
+        return {k: plain(v) for k, v in batch.items()}
+    if isinstance(batch, dict):
+        return {k: plain(v) for k, v in batch.items()}
+    return batch
+
+
+class _PlainCollate:
+    """The user's collate function (or torch's default), with `plain` applied; picklable for worker processes."""
+
+    def __init__(self, collate: Optional[Callable[[List[Any]], Any]]) -> None:
+        self.collate = collate or data.default_collate
+
+    def __call__(self, items: List[Any]) -> Any:
+        return plain(self.collate(items))
+
+
 def make_loader(
     dataset: data.Dataset, batch_size: int, params: Dict[str, Any], indices: Optional[Sequence[int]] = None
 ):
@@ -19,6 +38,7 @@ def make_loader(
         dataset = data.Subset(dataset, list(indices))
     kwargs = {"batch_size": batch_size, "shuffle": False, "drop_last": False} | dict(params)
     kwargs.pop("sampler", None)
+    kwargs["collate_fn"] = _PlainCollate(kwargs.get("collate_fn"))
     return data.DataLoader(dataset, **kwargs)
 
 
@@ -81,7 +101,7 @@ class DatasetOnDevice:
         """A batch of the given example indices."""
         if self.stacked is not None:
             return slice_batch(self.stacked, indices.to(self.device))
-        collate = self.loader_params.get("collate_fn") or data.default_collate
+        collate = _PlainCollate(self.loader_params.get("collate_fn"))
         return send_to_device(collate([self.dataset[int(i)] for i in indices]), self.device)
 
 

@@ -148,6 +148,14 @@ class ProcessState:
         dist.all_gather_object(out, obj)
         return out
 
+    def group_all_gather_object(self, obj: Any, ranks: Sequence[int]) -> List[Any]:
+        """`obj` of every member of the group `ranks` (this process's group)."""
+        if not self.distributed or len(ranks) == 1:
+            return [obj]
+        out: List[Any] = [None] * len(ranks)
+        dist.all_gather_object(out, obj, group=self.group(ranks))
+        return out
+
     def broadcast_object(self, obj: Any) -> Any:
         """The main process's `obj`, on every process."""
         if not self.distributed:

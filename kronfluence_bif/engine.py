@@ -272,6 +272,12 @@ class SamplingEngine:
         self.stream.reset(torch.Generator().manual_seed(chain_seed(args.seed, chain) ^ 0x5EED))
         start, step = 0, 0
         resumed = self.checkpoints.load(chain) if self.checkpoints is not None else None
+        if self._plan.num_shards > 1 and self.checkpoints is not None:
+            # the members of a group exchange values every block, so they resume from the same draw or not at all
+            where = None if resumed is None else (resumed[1]["draws_done"], resumed[1]["done"])
+            if len(set(self.state.group_all_gather_object(where, self._plan.group_ranks))) != 1:
+                logger.warning("Chain %d: the group's checkpoints disagree; the chain starts over.", chain)
+                resumed = None
         if resumed is not None:
             tensors, meta = resumed
             moments = CrossMoments.from_state_dict(_prefixed(tensors, "moments."), self.device)

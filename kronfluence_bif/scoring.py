@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils import data
 
 from kronfluence_bif import storage
-from kronfluence_bif.arguments import BIFArguments
+from kronfluence_bif.arguments import RUN_CONTROL_FIELDS, BIFArguments
 from kronfluence_bif.checkpoints import CheckpointStore, fingerprint, remove_checkpoints
 from kronfluence_bif.data import DatasetOnDevice, MinibatchStream
 from kronfluence_bif.diagnostics import summarize
@@ -263,7 +263,9 @@ class BIFScorer:
                 (out / name).unlink(missing_ok=True)
         storage.save_or_check_json(out / storage.SCORE_ARGUMENTS_FILE, req.score_args.to_dict(), "arguments", ow)
         storage.save_or_check_json(out / storage.FACTOR_ARGUMENTS_FILE, factor_args.to_dict(), "arguments", ow)
-        storage.save_or_check_json(out / storage.BIF_ARGUMENTS_FILE, bif_args.to_dict(), "BIF arguments", ow)
+        storage.save_or_check_json(
+            out / storage.BIF_ARGUMENTS_FILE, bif_args.to_dict(), "BIF arguments", ow, ignore=RUN_CONTROL_FIELDS
+        )
         if req.kind == "pairwise":
             meta = storage.dataset_metadata(req.query_dataset, req.query_indices)
             storage.save_or_check_json(out / storage.DATASET_METADATA_FILES["query"], meta, "dataset metadata", ow)
@@ -329,7 +331,7 @@ class BIFScorer:
             if bif_args.checkpoint_interval <= 0:
                 return None
             content = {
-                "bif": bif_args.to_dict(),
+                "bif": {k: v for k, v in bif_args.to_dict().items() if k not in RUN_CONTROL_FIELDS},
                 "score": args.to_dict(),
                 "kind": req.kind,
                 "tag": name,

@@ -121,16 +121,30 @@ def _silent_unlink(path: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- arguments
-def save_or_check_json(path: Path, content: Any, what: str, overwrite_output_dir: bool) -> None:
-    """kronfluence's skip/mismatch rule: equal content is kept, different content raises unless overwriting."""
+def save_or_check_json(
+    path: Path, content: Any, what: str, overwrite_output_dir: bool, ignore: Sequence[str] = ()
+) -> None:
+    """kronfluence's skip/mismatch rule: equal content is kept, different content raises unless overwriting.
+
+    Keys in `ignore` (settings that do not change the result) are not compared; when only they differ, the file
+    is updated to the new values (so the next step uses them).
+    """
     if path.exists() and not overwrite_output_dir:
         saved = load_json(path)
-        if saved != content:
+
+        def kept(d: Any) -> Any:
+            return {k: v for k, v in d.items() if k not in ignore} if isinstance(d, dict) and ignore else d
+
+        if kept(saved) != kept(content):
             raise ValueError(
                 f"New {what} differ from the saved {what} at `{path}`. "
                 "Set `overwrite_output_dir=True` to overwrite existing experiment.\n"
                 f"New {what}: {content}\nSaved {what}: {saved}"
             )
+        if saved != content:
+            save_json(content, path)
+            logger.info("Updated the run settings %s in `%s`.", list(ignore), path)
+            return
         logger.debug("Found matching %s at `%s`.", what, path)
         return
     save_json(content, path)

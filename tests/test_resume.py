@@ -170,3 +170,17 @@ def test_storage_removes_killed_writes(tmp_path):
     (tmp_path / "pairwise_scores.safetensors").write_bytes(b"kept")
     assert len(storage.remove_temporaries(tmp_path)) == 1
     assert [p.name for p in tmp_path.iterdir()] == ["pairwise_scores.safetensors"]
+
+
+def test_run_settings_may_change_between_runs(tmp_path, prepared, small_data, monkeypatch):
+    """checkpoint_interval / keep_checkpoints / cache_batches do not change results, so a rerun may change them."""
+    model, task = prepared
+    _interrupt_after_saves(monkeypatch, saves=1)
+    with pytest.raises(Interrupt):
+        _scores(tmp_path, model, task, small_data, checkpoint_interval=16)
+    monkeypatch.undo()
+    resumed = _scores(tmp_path, model, task, small_data, checkpoint_interval=8, cache_batches=False)
+    reference = _scores(tmp_path / "ref", model, task, small_data)
+    assert torch.equal(resumed, reference)
+    saved = storage.load_json(tmp_path / "r" / "factors_f" / storage.BIF_ARGUMENTS_FILE)
+    assert saved["checkpoint_interval"] == 8 and saved["cache_batches"] is False  # the newest run settings
