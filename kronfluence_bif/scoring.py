@@ -220,13 +220,17 @@ class BIFScorer:
             columns = [i for p in todo for i in range(*bounds[p])]
             tag = f"{req.kind}_" + ("partitions" + "-".join(map(str, todo)) if partitioned else "all")
             result = self._sample(req, args, bif_args, [scored[i] for i in columns], todo, bounds, state, out, tag)
-            if result.scores is None:
-                scores = result.moments.correlation() if bif_args.normalize else result.moments.covariance()
-            else:
-                scores = result.scores
-            scores, result.token_scores = split_token_scores(scores, *result.widths)
-            logger.info("Computed BIF %s scores in %.2f seconds.", req.kind, time.time() - start)
-            state.on_main(self._write_results, out, req.kind, args, bif_args, scores, todo, bounds, partitioned, result)
+            logger.info("Sampled BIF %s scores in %.2f seconds.", req.kind, time.time() - start)
+
+            def finish() -> None:  # only the writer forms the score matrix
+                if result.scores is None:
+                    scores = result.moments.correlation() if bif_args.normalize else result.moments.covariance()
+                else:
+                    scores = result.scores
+                scores, result.token_scores = split_token_scores(scores, *result.widths)
+                self._write_results(out, req.kind, args, bif_args, scores, todo, bounds, partitioned, result)
+
+            state.on_main(finish)
             if not bif_args.keep_checkpoints:
                 state.on_main(remove_checkpoints, out, tag)
         if partitioned:
