@@ -144,7 +144,7 @@ def test_summarize_flags_synthetic_failure_modes():
     report = summarize(traces, chains, args, sharpness=5.0 / args.step_size)
     by_chain = {(w["code"], w["chain"]) for w in report["warnings"]}
     assert {("exploding", 0), ("training", 1), ("flat", 2), ("sharpness", None), ("rhat", None)} <= by_chain
-    assert "beyond SGLD's stability limit" in next(w["message"] for w in report["warnings"] if w["code"] == "sharpness")
+    assert "beyond its stability limit" in next(w["message"] for w in report["warnings"] if w["code"] == "sharpness")
 
 
 def test_frozen_chain_is_flagged(tmp_path):
