@@ -303,26 +303,34 @@ class SamplingEngine:
         self._checked_steps = 0 if resumed is None else step
         self._check_steps(self._step_losses[:step], chain)
         filled, first = 0, start
+        # with an evaluation group, a member that fails keeps pace with its partners until the next exchange, where
+        # every member learns of it (otherwise the partners would wait forever in the exchange)
+        failure: Optional[BaseException] = None
         for draw in range(start, args.num_draws):
-            for k in range(args.draw_interval):
-                sampler.track_norms = k == args.draw_interval - 1
-                self._sgld_step(sampler, self._step_losses, step)
-                step += 1
-            self._evaluate(self._buffer[filled], lay.mine)
-            traces["distance_from_w_star"][chain, draw] = self.weights.distance_from_anchor()
-            for name, value in zip(NORM_TRACES, sampler.last_norms):
-                traces[name][chain, draw] = value
+            if failure is None:
+                try:
+                    step = self._draw(sampler, step, filled, chain, draw, traces)
+                except Exception as exc:  # noqa: BLE001 - re-raised at the group's next exchange
+                    failure = self._defer(exc)
             filled += 1
             if filled == args.draws_per_block or draw == args.num_draws - 1:
+                self._agree(failure, chain)
                 self._flush(moments, filled, chain, first, traces)
                 self._check_steps(self._step_losses[:step], chain)
                 self._bar.update(filled * self._bar_scale)
                 before, first, filled = first, first + filled, 0
                 if first < args.num_draws and self._checkpoint_due(before, first):
-                    self._save(chain, moments, traces, first, step, sampler, None)
+                    try:
+                        self._save(chain, moments, traces, first, step, sampler, None)
+                    except Exception as exc:  # noqa: BLE001 - re-raised at the group's next exchange
+                        failure = self._defer(exc)
         summary = self._summary(chain, traces)
         if self.checkpoints is not None:
-            self._save(chain, moments, traces, args.num_draws, step, None, summary)
+            try:
+                self._save(chain, moments, traces, args.num_draws, step, None, summary)
+            except Exception as exc:  # noqa: BLE001 - re-raised just below, on every member
+                failure = self._defer(exc)
+        self._agree(failure, chain)
         if self._plan.is_group_leader:
             logger.info(
                 "Chain %d: mean train loss %.4g at w*, %.4g over draws; distance from w* %.3g at the end, "
@@ -334,6 +342,36 @@ class SamplingEngine:
                 summary["max_distance_from_w_star"],
             )
         return moments, summary
+
+    def _draw(self, sampler: SGLD, step: int, row: int, chain: int, draw: int, traces) -> int:
+        """SGLD steps up to the next kept draw, then its evaluation into buffer row `row`; returns the step count."""
+        for k in range(self.args.draw_interval):
+            sampler.track_norms = k == self.args.draw_interval - 1
+            self._sgld_step(sampler, self._step_losses, step)
+            step += 1
+        self._evaluate(self._buffer[row], self._lay.mine)
+        traces["distance_from_w_star"][chain, draw] = self.weights.distance_from_anchor()
+        for name, value in zip(NORM_TRACES, sampler.last_norms):
+            traces[name][chain, draw] = value
+        return step
+
+    def _defer(self, exc: BaseException) -> BaseException:
+        """Alone, fail now; in an evaluation group, hold the error until the group's next exchange."""
+        if self._plan.num_shards == 1:
+            raise exc
+        return exc
+
+    def _agree(self, failure: Optional[BaseException], chain: int) -> None:
+        """In an evaluation group: every member raises when any member failed (one small exchange per block)."""
+        if self._plan.num_shards == 1:
+            return
+        report = None if failure is None else f"{type(failure).__name__}: {failure}"
+        reports = self.state.group_all_gather_object(report, self._plan.group_ranks)
+        if failure is not None:
+            raise failure
+        for rank, message in zip(self._plan.group_ranks, reports):
+            if message is not None:
+                raise RuntimeError(f"Process {rank} of this evaluation group failed on chain {chain}: {message}")
 
     def _mean_x(self, values: torch.Tensor) -> torch.Tensor:
         """Mean over train examples of their value (per-token values summed per example) for each draw."""

@@ -150,6 +150,16 @@ def test_three_processes_two_chains_shard_evaluation(data_dir, tmp_path):
         assert max_rel_diff(scores(tmp_path / "three", kind), scores(reference, kind)) < 1e-5
 
 
+def test_one_failing_member_of_an_evaluation_group_stops_every_process(data_dir, tmp_path):
+    """P > C: rank 1 alone fails mid-chain; its partners learn it at the next exchange instead of waiting forever."""
+    command = _command(3, data_dir, tmp_path, "--chains", "2", "--fail-rank", "1")
+    proc = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=240)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "injected failure" in log and "Process 1 of this evaluation group failed" in log
+    assert not (tmp_path / SCORE_DIRS["pairwise"] / "pairwise_scores.safetensors").exists()
+
+
 @pytest.mark.slow
 def test_four_processes_two_chains_use_groups(data_dir, tmp_path):
     """P=4, C=2: two groups of two processes, each group sharding the evaluation of its chain."""

@@ -64,6 +64,19 @@ def instrument(out: Path, rank: int, slow: float, hang_marker: str) -> None:
         SamplingEngine._evaluate = evaluate
 
 
+def inject_failure(after: int) -> None:
+    """This process alone fails mid-sampling (as an out-of-memory error on its own batches would)."""
+    real_evaluate, calls = SamplingEngine._evaluate, [0]
+
+    def evaluate(self, row, mine):
+        calls[0] += 1
+        if calls[0] == after:
+            raise RuntimeError("injected failure")
+        real_evaluate(self, row, mine)
+
+    SamplingEngine._evaluate = evaluate
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", required=True)
@@ -75,6 +88,7 @@ def main() -> None:
     parser.add_argument("--hang-final-write", default="")
     parser.add_argument("--ddp", action="store_true")
     parser.add_argument("--only", default="")
+    parser.add_argument("--fail-rank", type=int, default=-1, help="this rank raises in its 40th evaluation")
     opts = parser.parse_args()
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
@@ -83,6 +97,8 @@ def main() -> None:
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     instrument(out, rank, opts.slow, opts.hang_final_write)
+    if opts.fail_rank == rank:
+        inject_failure(after=40)
 
     data = load_file(str(Path(opts.data) / "data.safetensors"))
     train = TensorDataset(data["x_train"], data["y_train"])
