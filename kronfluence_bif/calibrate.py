@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -198,8 +197,4 @@ def _recommend(rows: List[Dict[str, Any]], base: BIFArguments):
     return recommended, notes
 
 
-def recommended_json(result: CalibrationResult) -> str:
-    return json.dumps(None if result.recommended is None else result.recommended.to_dict(), indent=2)
-
-
-__all__ = ["CalibrationResult", "calibrate", "recommended_json"]
+__all__ = ["CalibrationResult", "calibrate"]

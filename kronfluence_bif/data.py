@@ -14,9 +14,7 @@ from kronfluence_bif.loss_views import slice_batch
 
 def plain(batch: Any) -> Any:
     """Mappings such as Hugging Face's `BatchEncoding` become dicts, so every tensor is a pytree leaf."""
-    if isinstance(batch, Mapping) and not isinstance(batch, dict):
-        return {k: plain(v) for k, v in batch.items()}
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):
         return {k: plain(v) for k, v in batch.items()}
     return batch
 

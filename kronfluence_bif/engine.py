@@ -164,8 +164,8 @@ class SamplingEngine:
     def _layout(self, plan: WorkPlan) -> _Layout:
         n_x = self.x.columns
         n_y = self.y.columns if self.y is not None else 0
-        dim_x = _reduced_dim(self.x, n_x)
-        dim_y = dim_x if self.y is None else _reduced_dim(self.y, n_y)
+        dim_x = reduced_dim(self.x, n_x)
+        dim_y = dim_x if self.y is None else reduced_dim(self.y, n_y)
         if plan.num_shards == 1:
             return _Layout(n_x, n_y, dim_x, dim_y, None, [], None)
         units, columns, offset = [], [], 0
@@ -518,7 +518,8 @@ class SamplingEngine:
         )
 
 
-def _reduced_dim(side: Side, n_raw: int) -> int:
+def reduced_dim(side: Side, n_raw: int) -> int:
+    """Columns of a side after its reduction (aggregated gradients), for `n_raw` raw values."""
     if side.reduce is None:
         return n_raw
     return int(side.reduce(torch.zeros(1, n_raw)).shape[1])

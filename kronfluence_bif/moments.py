@@ -87,12 +87,6 @@ class CrossMoments:
     def mean_y(self) -> torch.Tensor:
         return self.sum_y / max(self.count, 1)
 
-    def to(self, device: torch.device) -> CrossMoments:
-        """Move the sums (e.g. a finished column block off the accelerator)."""
-        for name in ("sum_x", "sum_y", "sum_xx", "sum_yy", "sum_xy"):
-            setattr(self, name, getattr(self, name).to(device))
-        return self
-
     # ------------------------------------------------------------------ (de)serialization for resume
     def state_dict(self) -> Dict[str, torch.Tensor]:
         return {

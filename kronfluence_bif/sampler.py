@@ -49,9 +49,14 @@ class SGLD:
         grads = [g if g.dtype == p.dtype else g.to(p.dtype) for g, p in zip(grads, self.params)]
         return torch._foreach_mul(grads, self.nbeta / batch_size)
 
-    def _add_localization(self, drift: List[torch.Tensor]) -> None:
+    def _offset(self) -> Optional[List[torch.Tensor]]:
+        """w - w*, computed once per step when the localization or the norm tracking needs it."""
+        if self.localization != 0.0 or self.track_norms:
+            return torch._foreach_sub(self.params, self.anchors)
+        return None
+
+    def _add_localization(self, drift: List[torch.Tensor], diff: Optional[List[torch.Tensor]]) -> None:
         if self.localization != 0.0:
-            diff = torch._foreach_sub(self.params, self.anchors)
             torch._foreach_add_(drift, diff, alpha=self.localization)
 
     def _sample_noise(self) -> List[torch.Tensor]:
@@ -61,8 +66,9 @@ class SGLD:
     @torch.no_grad()
     def step(self, grads: Sequence[torch.Tensor], batch_size: int) -> None:
         drift = self._loss_drift(grads, batch_size)
-        norms = self._term_norms(drift, None) if self.track_norms else None
-        self._add_localization(drift)
+        diff = self._offset()
+        norms = self._term_norms(drift, diff, None) if self.track_norms else None
+        self._add_localization(drift, diff)
         torch._foreach_add_(self.params, drift, alpha=-0.5 * self.step_size)
         noise = self._sample_noise()
         torch._foreach_add_(self.params, noise, alpha=math.sqrt(self.step_size))
@@ -70,13 +76,14 @@ class SGLD:
             self.last_norms = torch.stack([*norms, math.sqrt(self.step_size) * _global_norm(noise)])
         self.num_steps += 1
 
-    def _term_norms(self, loss_drift: List[torch.Tensor], precond: Optional[List[torch.Tensor]]):
+    def _term_norms(
+        self, loss_drift: List[torch.Tensor], diff: List[torch.Tensor], precond: Optional[List[torch.Tensor]]
+    ):
         """Norms of this step's loss-gradient and localization moves (before they are added)."""
         half = 0.5 * self.step_size
-        diff = torch._foreach_sub(self.params, self.anchors)
-        if precond is not None:
+        if precond is not None:  # out of place: `diff` is still needed unscaled by the localization
             loss_drift = torch._foreach_mul(loss_drift, precond)
-            torch._foreach_mul_(diff, precond)
+            diff = torch._foreach_mul(diff, precond)
         return half * _global_norm(loss_drift), half * self.localization * _global_norm(diff)
 
     def freeze(self) -> None:
@@ -133,8 +140,9 @@ class RMSpropSGLD(SGLD):
             torch._foreach_addcmul_(self.square_avg, drift, drift, value=1.0 - self.alpha)
             precond = self._preconditioner()
             noise_scale = torch._foreach_sqrt(precond)
-        norms = self._term_norms(drift, precond) if self.track_norms else None
-        self._add_localization(drift)
+        diff = self._offset()
+        norms = self._term_norms(drift, diff, precond) if self.track_norms else None
+        self._add_localization(drift, diff)
         torch._foreach_mul_(drift, precond)
         torch._foreach_add_(self.params, drift, alpha=-0.5 * self.step_size)
         noise = torch._foreach_mul(self._sample_noise(), noise_scale)

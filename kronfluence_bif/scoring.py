@@ -18,10 +18,11 @@ from torch.utils import data
 from kronfluence_bif import storage
 from kronfluence_bif.arguments import RUN_CONTROL_FIELDS, BIFArguments
 from kronfluence_bif.checkpoints import CheckpointStore, fingerprint, remove_checkpoints
+from kronfluence_bif.compare import jsonable
 from kronfluence_bif.data import DatasetOnDevice, MinibatchStream
 from kronfluence_bif.diagnostics import summarize
 from kronfluence_bif.distributed import ProcessState, process_state, unwrap_model
-from kronfluence_bif.engine import SamplingEngine, SamplingResult, Side
+from kronfluence_bif.engine import SamplingEngine, SamplingResult, Side, reduced_dim
 from kronfluence_bif.logs import logger, warn_once
 from kronfluence_bif.loss_views import LossViews
 from kronfluence_bif.parameters import SampledWeights, select_parameters
@@ -437,7 +438,9 @@ class BIFScorer:
         for warning in report["warnings"]:
             logger.warning("BIF sampler diagnostics (%s): %s", warning["code"], warning["message"])
         storage.save_tensors(out / storage.BIF_TRACES_FILE, result.traces)
-        storage.save_json(report, out / storage.BIF_DIAGNOSTICS_FILE)
+        storage.save_json(
+            jsonable(report), out / storage.BIF_DIAGNOSTICS_FILE
+        )  # NaN (e.g. R-hat of flat chains) -> null
 
 
 def header_metadata(args: ScoreArguments, bif_args: BIFArguments) -> Dict[str, str]:
@@ -451,7 +454,7 @@ def column_blocks(x: Side, y: Optional[Side], rows: List[int], budget_gb: float)
     """Split the scored training rows so each block's float64 cross sums fit in `budget_gb` (pairwise only)."""
     if y is None or x.reduce is not None:
         return [rows]
-    dim_y = int(y.reduce(torch.zeros(1, y.columns)).shape[1]) if y.reduce is not None else y.columns
+    dim_y = reduced_dim(y, y.columns)
     needed = 8.0 * dim_y * x.columns / 1e9
     count = min(len(rows), max(1, int(np.ceil(needed / budget_gb))))
     return [list(map(int, block)) for block in np.array_split(np.asarray(rows), count)]

@@ -51,17 +51,18 @@ def score_file(output_dir: Path, kind: str, partition: Partition = None) -> Path
 
 # ---------------------------------------------------------------------------------------------- atomic writes
 def _atomic_path(path: Path) -> Tuple[int, str]:
-    """A temporary file next to `path`, with the permissions a plain `open` would give (mkstemp makes 0600)."""
+    """A temporary file next to `path` (hidden, `.tmp`: never mistaken for a result)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.fchmod(fd, 0o666 & ~_umask())
-    return fd, tmp
+    return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
 
 
-def _umask() -> int:
+def _publish(tmp: str, path: Path) -> None:
+    """Give the finished temporary file the permissions a plain `open` would (mkstemp and safetensors make 0600),
+    then rename it over `path` in one step."""
     mask = os.umask(0)
     os.umask(mask)
-    return mask
+    os.chmod(tmp, 0o666 & ~mask)
+    os.replace(tmp, path)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -72,7 +73,7 @@ def atomic_write_text(path: Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException:
         _silent_unlink(tmp)
         raise
@@ -94,10 +95,9 @@ def save_tensors(path: Path, tensors: Dict[str, torch.Tensor], metadata: Optiona
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.chmod(tmp, 0o666 & ~_umask())  # safetensors recreates the file with mode 0600
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException:
         _silent_unlink(tmp)
         raise

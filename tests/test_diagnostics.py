@@ -12,6 +12,8 @@ from conftest import PlainRegressionTask, make_mlp
 from kronfluence_bif import Analyzer, BIFArguments, prepare_model, storage
 from kronfluence_bif.cli import main as cli
 from kronfluence_bif.diagnostics import effective_sample_size, preconditioned_sharpness, split_rhat, summarize
+from kronfluence_bif.engine import SamplingResult
+from kronfluence_bif.scoring import BIFScorer
 
 
 def _ar1(phi: float, n: int, chains: int, seed: int = 0) -> np.ndarray:
@@ -87,6 +89,10 @@ def _trained():
         torch.nn.functional.mse_loss(model(x), y).backward()
         opt.step()
     return model
+
+
+def _reject(constant: str):
+    raise AssertionError(f"{constant} in JSON")
 
 
 def _codes(report):
@@ -166,4 +172,14 @@ def test_cli_diagnose_prints_warnings_plots_and_strict_exit(tmp_path, capsys):
     assert "[flat]" in out and "R-hat" in out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert cli(["diagnose", str(folder), "--strict"]) == 1
-    json.dumps(storage.load_json(folder / storage.BIF_DIAGNOSTICS_FILE))  # plain JSON (no NaN objects needed)
+    json.loads((folder / storage.BIF_DIAGNOSTICS_FILE).read_text(), parse_constant=_reject)  # strict JSON
+
+
+def test_undefined_statistics_are_written_as_null(tmp_path):
+    """Exactly constant traces have no ESS or R-hat: the file says null, never the non-JSON NaN."""
+    traces = {"mean_train_loss": torch.ones(2, 10, dtype=torch.float64)}
+    chains = [{"chain": c, "initial_mean_loss": 1.0, "loss_scale": 1.0} for c in range(2)]
+    result = SamplingResult(moments=None, chain_summaries=chains, traces=traces)
+    BIFScorer._write_diagnostics(tmp_path, result, BIFArguments())
+    report = json.loads((tmp_path / storage.BIF_DIAGNOSTICS_FILE).read_text(), parse_constant=_reject)
+    assert report["rhat_mean_train_loss"] is None and report["chains"][0]["ess_mean_train_loss"] is None
