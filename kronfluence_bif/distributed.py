@@ -11,6 +11,7 @@ batch by batch, exchanging their values once per block of draws.
 
 from __future__ import annotations
 
+import atexit
 import os
 import pickle
 from dataclasses import dataclass
@@ -72,7 +73,12 @@ class ProcessState:
         if launched:
             from accelerate import PartialState
 
+            created = not (dist.is_available() and dist.is_initialized())
             state = PartialState(cpu=cpu)
+            if created and dist.is_initialized():
+                # a group we started is ours to close: gloo's worker threads left alive at interpreter shutdown
+                # abort the process ("terminate called without an active exception") after a successful run
+                atexit.register(_destroy_process_group)
             self.num_processes, self.process_index = int(state.num_processes), int(state.process_index)
         else:
             self.num_processes, self.process_index = 1, 0
@@ -227,6 +233,14 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 
 _STATES: dict = {}
+
+
+def _destroy_process_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - best effort at exit (a peer may already be gone)
+            pass
 
 
 def launched_distributed() -> bool:
