@@ -8,7 +8,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-SAMPLERS = ("sgld", "rmsprop_sgld")
+SAMPLERS = ("sgld", "rmsprop_sgld", "sketch_sgld")
+# step_size=None resolves to the sampler's default: sketch-SGLD's step is dimensionless, the others' are not
+DEFAULT_STEP_SIZES = {"sgld": 3e-4, "rmsprop_sgld": 3e-4, "sketch_sgld": 0.3}
 # fields that change how a run is executed, not its result: a rerun may change them (e.g. to resume differently)
 RUN_CONTROL_FIELDS = ("checkpoint_interval", "keep_checkpoints", "cache_batches")
 
@@ -48,7 +50,11 @@ class BIFArguments:
     num_draws: int = _help("Draws kept per chain (T in the paper).", default=400)
     num_burnin_steps: int = _help("SGLD steps discarded at the start of each chain (b in the paper).", default=100)
     draw_interval: int = _help("SGLD steps between two kept draws (thinning).", default=1)
-    step_size: float = _help("SGLD step size epsilon.", default=3e-4)
+    step_size: Optional[float] = _help(
+        "SGLD step size epsilon; None: the sampler's default (sketch_sgld 0.3, which is dimensionless since its "
+        "preconditioner ~ the inverse curvature; sgld and rmsprop_sgld 3e-4).",
+        default=None,
+    )
     nbeta: float = _help("Effective sample size times inverse temperature (n*beta).", default=1000.0)
     localization: float = _help("Strength gamma of the pull towards w* (plays the role of damping).", default=1000.0)
     sampler_batch_size: int = _help("Minibatch size m of the SGLD gradient.", default=64)
@@ -91,11 +97,18 @@ class BIFArguments:
         "each block (time grows, memory does not).",
         default=4.0,
     )
+    sketch_rank: int = _help(
+        "Number K of sampled-label minibatch gradients in sketch_sgld's curvature sketch (its rank). Memory: K x the "
+        "number of sampled weights in float32; cost: K backward passes of one minibatch, once per run.",
+        default=256,
+    )
     keep_checkpoints: bool = _help(
         "Keep the checkpoints after the final scores are written (they are removed by default).", default=False
     )
 
     def __post_init__(self) -> None:
+        if self.step_size is None and self.sampler in DEFAULT_STEP_SIZES:
+            self.step_size = DEFAULT_STEP_SIZES[self.sampler]
         self.validate()
 
     # ------------------------------------------------------------------ validation
@@ -103,7 +116,14 @@ class BIFArguments:
         """Raise ValueError naming the first invalid field and its allowed range."""
         if self.sampler not in SAMPLERS:
             raise ValueError(f"BIFArguments.sampler must be one of {list(SAMPLERS)}, got {self.sampler!r}.")
-        for name in ("num_chains", "num_draws", "draw_interval", "sampler_batch_size", "draws_per_block"):
+        for name in (
+            "num_chains",
+            "num_draws",
+            "draw_interval",
+            "sampler_batch_size",
+            "draws_per_block",
+            "sketch_rank",
+        ):
             _check_int(name, getattr(self, name), minimum=1)
         _check_int("num_burnin_steps", self.num_burnin_steps, minimum=0)
         _check_int("seed", self.seed, minimum=0)
@@ -119,6 +139,18 @@ class BIFArguments:
         _check_float("rmsprop_eps", self.rmsprop_eps, low=0.0, hint="typical values 1e-8 to 1")
         _check_float("moment_memory_gb", self.moment_memory_gb, low=0.0, hint="e.g. 4")
         _check_float("divergence_loss_ratio", self.divergence_loss_ratio, low=1.0, hint="e.g. 1000")
+        if self.sampler == "sketch_sgld":
+            if float(self.localization) <= 0.0:
+                raise ValueError(
+                    "BIFArguments.localization must be > 0 with sampler='sketch_sgld' (its preconditioner is "
+                    "1/localization outside the curvature sketch); use e.g. localization=1000."
+                )
+            if float(self.step_size) >= 4.0:
+                raise ValueError(
+                    f"BIFArguments.step_size must be < 4 with sampler='sketch_sgld' (it is dimensionless; typical "
+                    f"0.1 to 0.5), got {self.step_size!r}: the localization term alone would diverge."
+                )
+            return self._validate_rest()
         max_precond = 1.0 if self.sampler == "sgld" else 1.0 / float(self.rmsprop_eps)
         if float(self.step_size) * float(self.localization) * max_precond >= 4.0:
             raise ValueError(
@@ -127,6 +159,9 @@ class BIFArguments:
                 "term alone would make the chain oscillate and diverge. Lower `step_size` or `localization`"
                 + (" or raise `rmsprop_eps`." if self.sampler != "sgld" else ".")
             )
+        self._validate_rest()
+
+    def _validate_rest(self) -> None:
         if self.sampled_modules is not None and (
             isinstance(self.sampled_modules, str)
             or not all(isinstance(p, str) and p for p in self.sampled_modules)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -183,29 +183,36 @@ def preconditioned_sharpness(
     params: Sequence[torch.Tensor],
     scale: float,
     localization: float,
-    preconditioner: Optional[Sequence[torch.Tensor]],
+    preconditioner: Union[None, Sequence[torch.Tensor], Callable[[List[torch.Tensor]], List[torch.Tensor]]],
     iterations: int = 20,
     generator: Optional[torch.Generator] = None,
 ) -> float:
     """Largest eigenvalue of G^1/2 (scale * Hessian of loss_fn + localization) G^1/2, by power iteration.
 
-    `loss_fn()` returns the minibatch loss summed over examples; `scale` is nbeta / m. Hessian-vector products
-    come from double backward, so this costs about 3 x `iterations` forward passes of one minibatch.
+    `loss_fn()` returns the minibatch loss summed over examples; `scale` is nbeta / m. `preconditioner` is a
+    diagonal G (list of tensors like `params`), a function v -> G^1/2 v (a full G), or None (G = 1). Hessian-vector
+    products come from double backward, so this costs about 3 x `iterations` forward passes of one minibatch.
     """
     params = list(params)
     with torch.enable_grad():
         grads = torch.autograd.grad(loss_fn(), params, create_graph=True)
-    root = [g.sqrt() for g in preconditioner] if preconditioner is not None else [torch.ones_like(p) for p in params]
+    if preconditioner is None:
+        apply_root = list
+    elif callable(preconditioner):
+        apply_root = preconditioner
+    else:
+        root = [g.sqrt() for g in preconditioner]
+        apply_root = lambda v: torch._foreach_mul(v, root)  # noqa: E731
     v = [torch.randn(p.shape, generator=generator, dtype=torch.float32).to(p) for p in params]
     value = 0.0
     for _ in range(iterations):
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(v)))
         v = torch._foreach_div(v, norm)
-        w = torch._foreach_mul(v, root)  # G^1/2 v
+        w = apply_root(v)  # G^1/2 v
         hv = torch.autograd.grad(grads, params, grad_outputs=w, retain_graph=True)
         av = torch._foreach_mul(list(hv), scale)
         torch._foreach_add_(av, w, alpha=localization)
-        av = torch._foreach_mul(av, root)
+        av = apply_root(av)
         value = float(sum((a * b).sum() for a, b in zip(av, v)))
         v = [a.detach() for a in av]
     return value

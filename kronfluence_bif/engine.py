@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from kronfluence_bif.arguments import BIFArguments
 from kronfluence_bif.checkpoints import CheckpointStore
+from kronfluence_bif.curvature import CurvatureSketch, sketch_fisher
 from kronfluence_bif.data import EvalBatches, MinibatchStream
 from kronfluence_bif.diagnostics import preconditioned_sharpness
 from kronfluence_bif.distributed import ProcessState, WorkPlan, split_evenly
@@ -30,7 +31,7 @@ from kronfluence_bif.logs import logger, warn_once
 from kronfluence_bif.loss_views import LossViews, PerExampleView
 from kronfluence_bif.moments import CrossMoments
 from kronfluence_bif.parameters import SampledWeights
-from kronfluence_bif.sampler import SGLD, RMSpropSGLD
+from kronfluence_bif.sampler import SGLD, RMSpropSGLD, SketchSGLD
 
 TQDM_BAR_FORMAT = (
     "{desc} [{n_fmt}/{total_fmt}] {percentage:3.0f}%|{bar}{postfix} [time left: {remaining}, time spent: {elapsed}]"
@@ -133,6 +134,7 @@ class SamplingEngine:
         self.device = weights.params[0].device
         self._checked_steps = 0
         self._sharpness: Optional[float] = None
+        self._sketch: Optional[CurvatureSketch] = None
 
     # ------------------------------------------------------------------ evaluation
     def _autocast(self):
@@ -192,7 +194,27 @@ class SamplingEngine:
         )
         if self.args.sampler == "rmsprop_sgld":
             return RMSpropSGLD(alpha=self.args.rmsprop_alpha, eps=self.args.rmsprop_eps, **common)
+        if self.args.sampler == "sketch_sgld":
+            return SketchSGLD(sketch=self._curvature_sketch(), **common)
         return SGLD(**common)
+
+    def _curvature_sketch(self) -> CurvatureSketch:
+        """The Fisher sketch at w* shared by every chain (deterministic in the seed, so processes agree)."""
+        if self._sketch is None:
+            args = self.args
+            m = min(self.stream.batch_size, self.stream.n)
+            rows = torch.Generator().manual_seed(chain_seed(args.seed, 0) ^ 0xC0FFEE)
+            batches = [
+                self.stream.source.gather(torch.randperm(self.stream.n, generator=rows)[:m])
+                for _ in range(args.sketch_rank)
+            ]
+            self.weights.reset()
+            devices = [self.device] if self.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(chain_seed(args.seed, 0) ^ 0xF15E)
+                sampled = self.views.sampled_train_loss
+                self._sketch = sketch_fisher(lambda b: sampled(b, self.model), batches, self.weights.params, m)
+        return self._sketch
 
     def _sgld_step(self, sampler: SGLD, losses: torch.Tensor, index: int) -> None:
         batch = self.stream.next()
@@ -395,7 +417,7 @@ class SamplingEngine:
                 self.weights.params,
                 scale=self.args.nbeta / m,
                 localization=0.0,  # the localization's own limit is checked by BIFArguments
-                preconditioner=sampler.preconditioner,
+                preconditioner=sampler.apply_root,
                 generator=torch.Generator().manual_seed(self.args.seed),
             )
         except Exception as exc:  # noqa: BLE001 - a diagnostic must never stop the run

@@ -224,6 +224,10 @@ class LossViews:
         """The scalar loss whose gradient drives SGLD (kronfluence's own contract: summed over the batch)."""
         return self.task.compute_train_loss(batch, model, sample=False)
 
+    def sampled_train_loss(self, batch: Any, model: nn.Module) -> torch.Tensor:
+        """The summed loss with labels sampled from the model (kronfluence's Fisher gradients; curvature sketch)."""
+        return self.task.compute_train_loss(batch, model, sample=True)
+
     def train_tokens(self) -> PerTokenView:
         return PerTokenView(self.task, "compute_per_token_train_loss", self.train)
 

@@ -7,14 +7,20 @@ One step (Welling & Teh 2011; paper, Algorithm 1)::
 G = 1 for SGLD. RMSprop-SGLD (Li et al. 2016) uses G = 1 / (rmsprop_eps + sqrt(V)) with V an EMA of the squared
 loss drift (the localization term is excluded from V). With a frozen G the chain targets the same posterior
 exactly; an adapting G biases it (sgld-notes.md), hence `freeze()` after burn-in.
+
+Sketch-SGLD uses the full (non-diagonal) G = (nbeta F_K + gamma I)^-1 with F_K a low-rank Fisher sketch at w*
+(`curvature.py`). G is fixed, so the chain targets the same posterior exactly; with G ~ (Hessian of the potential)^-1
+every direction relaxes in ~1/eps steps, and eps is dimensionless (stable for eps * lambda_max(G A) < 4).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
+
+from kronfluence_bif.curvature import CurvatureSketch
 
 
 class SGLD:
@@ -93,6 +99,15 @@ class SGLD:
     def preconditioner(self) -> Optional[List[torch.Tensor]]:
         """The diagonal preconditioner G of the next step; None for plain SGLD (G = 1)."""
         return None
+
+    @property
+    def apply_root(self) -> Optional[Callable[[List[torch.Tensor]], List[torch.Tensor]]]:
+        """v -> G^1/2 v for the next step (diagnostics); None when G = 1."""
+        precond = self.preconditioner
+        if precond is None:
+            return None
+        root = torch._foreach_sqrt(precond)
+        return lambda v: torch._foreach_mul(v, root)
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
         """What a resumed chain needs besides the weights: the step count and the noise generator."""
@@ -174,6 +189,87 @@ class RMSpropSGLD(SGLD):
         self.frozen = True
         self._precond = self._preconditioner()
         self._noise_scale = torch._foreach_sqrt(self._precond)
+
+
+class SketchSGLD(SGLD):
+    """SGLD preconditioned by G = (nbeta F_K + gamma I)^-1, F_K = V diag(s) V^T a fixed curvature sketch.
+
+    `basis` holds V^T [k, p] (row-major: both products below read it contiguously).
+
+    G v = (v - V (c * V^T v)) / gamma and G^1/2 v = (v - V (r * V^T v)) / sqrt(gamma), with c = nbeta s /
+    (nbeta s + gamma) and r = 1 - sqrt(1 - c): one [p, k] GEMM for the drift, the localization and the noise
+    together, and one back. Needs gamma > 0 (G is 1 / gamma outside the sketch).
+    """
+
+    def __init__(
+        self,
+        params: Sequence[torch.Tensor],
+        anchors: Sequence[torch.Tensor],
+        step_size: float,
+        nbeta: float,
+        localization: float,
+        generator: torch.Generator,
+        sketch: CurvatureSketch,
+    ) -> None:
+        super().__init__(params, anchors, step_size, nbeta, localization, generator)
+        if self.localization <= 0.0:
+            raise ValueError("SketchSGLD needs localization > 0 (the preconditioner is 1/localization off the sketch).")
+        self.basis = sketch.basis
+        lam = self.nbeta * sketch.eigenvalues.double()
+        keep = lam / (lam + self.localization)
+        self.keep = keep.to(self.basis.dtype)
+        self.root_keep = (1.0 - torch.sqrt(self.localization / (lam + self.localization))).to(self.basis.dtype)
+        device, dtype = self.params[0].device, self.params[0].dtype
+        numel = self._noise_flat.numel()
+        self._columns = torch.empty(3, numel, device=device, dtype=dtype)  # loss drift, w - w*, noise
+        self._drift_views = _split_like(self._columns[0], self.params)
+        self._diff_views = _split_like(self._columns[1], self.params)
+        self._noise_flat = self._columns[2]
+        self._noise = _split_like(self._noise_flat, self.params)
+
+    def _project_out(self, vectors: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """rows v -> v - V (weights * V^T v), for a [j, p] stack of vectors."""
+        return vectors - (vectors @ self.basis.T * weights) @ self.basis
+
+    @torch.no_grad()
+    def step(self, grads: Sequence[torch.Tensor], batch_size: int) -> None:
+        eps, gamma = self.step_size, self.localization
+        cols = self._columns
+        torch._foreach_copy_(self._drift_views, grads)
+        cols[0].mul_(self.nbeta / batch_size)
+        torch._foreach_copy_(self._diff_views, self.params)
+        torch._foreach_sub_(self._diff_views, self.anchors)
+        self._sample_noise()
+        coef = (self.basis @ cols.T).T  # [3, k]: the only pass over the basis besides the update's
+        if self.track_norms:
+            self.last_norms = self._move_norms(coef)
+        # w <- w - eps/2 G (drift + gamma diff) + sqrt(eps) G^1/2 xi, both corrections in one [p, k] GEMV
+        correction = (0.5 * eps / gamma) * self.keep * (coef[0] + gamma * coef[1])
+        correction -= math.sqrt(eps / gamma) * self.root_keep * coef[2]
+        update = torch.add(cols[0], cols[1], alpha=gamma).mul_(-0.5 * eps / gamma)
+        update.add_(cols[2], alpha=math.sqrt(eps / gamma)).addmv_(self.basis.T, correction)
+        torch._foreach_add_(self.params, _split_like(update, self.params))
+        self.num_steps += 1
+
+    def _move_norms(self, coef: torch.Tensor) -> torch.Tensor:
+        """|eps/2 G drift|, |eps/2 gamma G diff|, |sqrt(eps) G^1/2 xi| from the columns' norms and coefficients.
+
+        With V orthonormal, |v - V (w * V^T v)|^2 = |v|^2 - sum (2w - w^2) (V^T v)^2: no extra pass over V.
+        """
+        eps, gamma = self.step_size, self.localization
+        weights = torch.stack([self.keep, self.keep, self.root_keep])
+        squares = torch.linalg.vector_norm(self._columns, dim=1).square()
+        squares = (squares - ((2 * weights - weights.square()) * coef.square()).sum(1)).clamp_min(0.0)
+        scale = [0.5 * eps / gamma, 0.5 * eps, math.sqrt(eps / gamma)]
+        return squares.sqrt() * torch.tensor(scale, dtype=squares.dtype, device=squares.device)
+
+    @property
+    def apply_root(self) -> Callable[[List[torch.Tensor]], List[torch.Tensor]]:
+        def root(v: List[torch.Tensor]) -> List[torch.Tensor]:
+            flat = torch.cat([t.reshape(-1) for t in v])[None]
+            return _split_like(self._project_out(flat, self.root_keep)[0] / math.sqrt(self.localization), v)
+
+        return root
 
 
 def _global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -1,0 +1,136 @@
+"""Draws-to-LDS curves: LDS and agreement with EK-FAC against the number of draws, per sampler setting and task.
+
+    python benchmarks/quality.py --task uci --retrains 60
+    python benchmarks/quality.py --task digits --retrains 40 --draws 50 100 200 400 800
+
+For each setting (plain SGLD at the sgld-notes settings, the previous RMSprop-SGLD defaults, the current
+defaults) and each draw count N per chain, one BIF run with num_draws=N (same seed, so the chains of a shorter run
+are the prefixes of a longer one). Reports LDS against retraining on random halves (cached in --cache), mean
+per-query Spearman and top-10 overlap against kronfluence EK-FAC, wall time, and the draws each setting needs to
+reach 90% of its own final LDS. Writes quality_<task>.json and quality_<task>.md. Not a test: minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+import torch
+from defaults_grid import agreement, lds, retrain_losses, task_setup
+
+from kronfluence_bif import Analyzer, BIFArguments, FactorArguments, prepare_model
+
+SETTINGS: Dict[str, Dict[str, Any]] = {
+    "plain SGLD (sgld-notes)": {"sampler": "sgld", "step_size": 1e-4, "nbeta": 100.0, "localization": 1000.0},
+    "RMSprop-SGLD (0.1 defaults)": {
+        "sampler": "rmsprop_sgld",
+        "step_size": 3e-4,
+        "nbeta": 1000.0,
+        "localization": 1000.0,
+        "sampler_batch_size": 64,
+    },
+    "defaults": {},
+}
+
+
+def draws_to_fraction(curve: List[Dict[str, Any]], fraction: float = 0.9) -> int:
+    """Total draws (chains x draws) of the first point whose LDS reaches `fraction` of the last point's."""
+    final = curve[-1]["lds"]
+    for point in curve:
+        if point["lds"] >= fraction * final:
+            return point["total_draws"]
+    return curve[-1]["total_draws"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", choices=["uci", "digits"], default="uci")
+    parser.add_argument("--retrains", type=int, default=60)
+    parser.add_argument("--draws", type=int, nargs="+", default=[25, 50, 100, 200, 400, 800])
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cache", default="./benchmark_results")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    out = Path(args.cache)
+    out.mkdir(parents=True, exist_ok=True)
+    train, query, fit, query_losses, task = task_setup(args.task)
+    masks, losses = retrain_losses(train, fit, query_losses, args.retrains, out / f"{args.task}_retrains.npz")
+    model = prepare_model(fit(train, 0), task)
+    analyzer = Analyzer(f"q_{args.task}", model, task, cpu=True, output_dir=str(out), disable_tqdm=True)
+    common = dict(
+        query_dataset=query,
+        train_dataset=train,
+        per_device_query_batch_size=len(query),
+        per_device_train_batch_size=len(train),
+        overwrite_output_dir=True,
+    )
+    start = time.perf_counter()
+    analyzer.fit_all_factors("ekfac", dataset=train, per_device_batch_size=len(train), overwrite_output_dir=True)
+    analyzer.compute_pairwise_scores("ekfac", "ekfac", **common)
+    ekfac = analyzer.load_pairwise_scores("ekfac")["all_modules"].numpy()
+    ekfac_row = {"seconds": time.perf_counter() - start, "lds": lds(ekfac, masks, losses)}
+    curves: Dict[str, List[Dict[str, Any]]] = {}
+    for label in args.settings:
+        curves[label] = []
+        for n_draws in args.draws:
+            bif = BIFArguments(**{**SETTINGS[label], "num_draws": n_draws, "checkpoint_interval": 0})
+            name = f"bif_{len(curves)}_{n_draws}"
+            start = time.perf_counter()
+            analyzer.fit_all_factors(
+                name,
+                dataset=train,
+                factor_args=FactorArguments(strategy="bif"),
+                bif_args=bif,
+                overwrite_output_dir=True,
+            )
+            analyzer.compute_pairwise_scores(name, name, **common)
+            seconds = time.perf_counter() - start
+            scores = analyzer.load_pairwise_scores(name)["all_modules"].numpy()
+            rho, top = agreement(ekfac, scores)
+            point = {
+                "draws_per_chain": n_draws,
+                "total_draws": n_draws * bif.num_chains,
+                "seconds": seconds,
+                "lds": lds(scores, masks, losses),
+                "spearman_vs_ekfac": rho,
+                "top10_overlap": top,
+            }
+            curves[label].append(point)
+            print(json.dumps({"setting": label, **{k: round(v, 4) for k, v in point.items()}}), flush=True)
+    machine = (
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    )
+    lines = [
+        f"### {args.task}: {len(train)} train x {len(query)} query, LDS against {len(masks)} retrains ({machine})",
+        "",
+        f"EK-FAC: LDS {ekfac_row['lds']:.3f} in {ekfac_row['seconds']:.1f} s.",
+        "",
+        "| setting | draws (chains x per chain) | time (s) | LDS | Spearman vs EK-FAC | top-10 overlap |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    summary = {}
+    for label, curve in curves.items():
+        for p in curve:
+            chains = p["total_draws"] // p["draws_per_chain"]
+            lines.append(
+                f"| {label} | {chains} x {p['draws_per_chain']} | {p['seconds']:.1f} | {p['lds']:.3f} | "
+                f"{p['spearman_vs_ekfac']:.3f} | {p['top10_overlap']:.2f} |"
+            )
+        summary[label] = {"final_lds": curve[-1]["lds"], "draws_to_90pct": draws_to_fraction(curve)}
+    lines += ["", "| setting | final LDS | total draws to 90% of it |", "|---|---:|---:|"]
+    lines += [f"| {k} | {v['final_lds']:.3f} | {v['draws_to_90pct']} |" for k, v in summary.items()]
+    text = "\n".join(lines)
+    print("\n" + text)
+    (out / f"quality_{args.task}.md").write_text(text + "\n")
+    (out / f"quality_{args.task}.json").write_text(
+        json.dumps({"ekfac": ekfac_row, "curves": curves, "summary": summary}, indent=2)
+    )
+
+
+if __name__ == "__main__":
+    main()

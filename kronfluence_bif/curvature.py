@@ -1,0 +1,63 @@
+"""A low-rank sketch of the loss curvature at w*, from gradients only (no Hessian, no layer structure).
+
+The sketch is the Fisher of the per-example loss estimated from K minibatch gradients of kronfluence's
+sampled-label loss (`Task.compute_train_loss(batch, model, sample=True)`, the gradients EK-FAC fits its factors
+on): for a minibatch B of m examples, u = grad sum_{i in B} loss_i(sampled) / sqrt(m) has E[u u^T] = mean Fisher.
+Stacking K of them gives F_K = U U^T / K, stored as an orthonormal basis V [p, k] and eigenvalues s [k].
+`SketchSGLD` uses it to precondition SGLD with (nbeta F_K + localization)^-1, which equalizes the mixing speed of
+stiff and flat directions (the paper's preconditioned SGLD, App. B.1, with a curvature-aware preconditioner).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+from kronfluence_bif.logs import logger
+
+
+@dataclass
+class CurvatureSketch:
+    """F_K = basis.T @ diag(eigenvalues) @ basis over the flattened sampled weights."""
+
+    basis: torch.Tensor  # [k, p], orthonormal rows, float32 (row-major: the fast layout for both products)
+    eigenvalues: torch.Tensor  # [k], descending, > 0, float32
+
+    @property
+    def rank(self) -> int:
+        return int(self.eigenvalues.numel())
+
+
+@torch.no_grad()
+def sketch_fisher(
+    sampled_loss: Callable[[Any], torch.Tensor],
+    batches: Sequence[Any],
+    params: Sequence[torch.Tensor],
+    batch_size: int,
+) -> CurvatureSketch:
+    """Sketch the mean per-example Fisher from one sampled-label gradient per batch (K = len(batches))."""
+    params = list(params)
+    numel = sum(p.numel() for p in params)
+    rows = torch.empty(len(batches), numel, dtype=torch.float32, device=params[0].device)
+    for k, batch in enumerate(batches):
+        with torch.enable_grad():
+            grads = torch.autograd.grad(sampled_loss(batch), params, allow_unused=True)
+        flat = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+        torch.cat([g.reshape(-1).float() for g in flat], out=rows[k])
+    rows /= math.sqrt(batch_size * len(batches))
+    if not bool(torch.isfinite(rows).all()):
+        raise FloatingPointError(
+            "The sampled-label gradients used for the curvature sketch are not finite; check the Task's "
+            "compute_train_loss(sample=True), or use BIFArguments(sampler='rmsprop_sgld')."
+        )
+    # thin SVD through the k x k Gram matrix (p >> k): U = V S W^T
+    gram = (rows.double() @ rows.T.double()).cpu()
+    values, vectors = torch.linalg.eigh(gram)
+    keep = values > values.max().clamp_min(1e-30) * 1e-8
+    values, vectors = values[keep].flip(0), vectors[:, keep].flip(1)
+    basis = (vectors / values.sqrt()).T.to(rows) @ rows
+    logger.debug("Curvature sketch: rank %d of %d, top eigenvalue %.4g.", values.numel(), len(batches), values[0])
+    return CurvatureSketch(basis=basis, eigenvalues=values.float().to(basis.device))
