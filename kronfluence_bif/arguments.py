@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional
 
 SAMPLERS = ("sgld", "rmsprop_sgld", "sketch_sgld")
 # step_size=None resolves to the sampler's default: sketch-SGLD's step is dimensionless, the others' are not
-DEFAULT_STEP_SIZES = {"sgld": 3e-4, "rmsprop_sgld": 3e-4, "sketch_sgld": 0.3}
+DEFAULT_STEP_SIZES = {"sgld": 3e-4, "rmsprop_sgld": 3e-4, "sketch_sgld": 0.25}
 # fields that change how a run is executed, not its result: a rerun may change them (e.g. to resume differently)
 RUN_CONTROL_FIELDS = ("checkpoint_interval", "keep_checkpoints", "cache_batches")
 
@@ -45,19 +45,26 @@ class BIFArguments:
     help slowly (UCI: 0.19 -> 0.195 at 1000 draws).
     """
 
-    sampler: str = _help("`sgld` or `rmsprop_sgld` (preconditioned SGLD, Li et al. 2016).", default="rmsprop_sgld")
+    sampler: str = _help(
+        "`sketch_sgld` (SGLD preconditioned by (nbeta F_K + localization)^-1, F_K a low-rank Fisher sketch at w* from "
+        "sampled-label gradients), `rmsprop_sgld` (diagonal RMSprop preconditioner, Li et al. 2016) or `sgld`.",
+        default="sketch_sgld",
+    )
     num_chains: int = _help("Number of independent chains (C in the paper).", default=4)
     num_draws: int = _help("Draws kept per chain (T in the paper).", default=400)
     num_burnin_steps: int = _help("SGLD steps discarded at the start of each chain (b in the paper).", default=100)
     draw_interval: int = _help("SGLD steps between two kept draws (thinning).", default=1)
     step_size: Optional[float] = _help(
-        "SGLD step size epsilon; None: the sampler's default (sketch_sgld 0.3, which is dimensionless since its "
+        "SGLD step size epsilon; None: the sampler's default (sketch_sgld 0.25, which is dimensionless since its "
         "preconditioner ~ the inverse curvature; sgld and rmsprop_sgld 3e-4).",
         default=None,
     )
-    nbeta: float = _help("Effective sample size times inverse temperature (n*beta).", default=1000.0)
+    nbeta: float = _help("Effective sample size times inverse temperature (n*beta).", default=10000.0)
     localization: float = _help("Strength gamma of the pull towards w* (plays the role of damping).", default=1000.0)
-    sampler_batch_size: int = _help("Minibatch size m of the SGLD gradient.", default=64)
+    sampler_batch_size: int = _help(
+        "Minibatch size m of the SGLD gradient (its noise grows with nbeta^2 / m: cold chains need large m).",
+        default=256,
+    )
     normalize: bool = _help("Pearson correlation instead of covariance (the paper's normalized BIF).", default=False)
     seed: int = _help("Base seed; chain c is seeded by (seed, c), independent of the number of processes.", default=0)
     rmsprop_alpha: float = _help("EMA decay of the squared-gradient average of RMSprop-SGLD.", default=0.99)
@@ -100,7 +107,7 @@ class BIFArguments:
     sketch_rank: int = _help(
         "Number K of sampled-label minibatch gradients in sketch_sgld's curvature sketch (its rank). Memory: K x the "
         "number of sampled weights in float32; cost: K backward passes of one minibatch, once per run.",
-        default=256,
+        default=128,
     )
     keep_checkpoints: bool = _help(
         "Keep the checkpoints after the final scores are written (they are removed by default).", default=False

@@ -213,8 +213,63 @@ class SamplingEngine:
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(chain_seed(args.seed, 0) ^ 0xF15E)
                 sampled = self.views.sampled_train_loss
-                self._sketch = sketch_fisher(lambda b: sampled(b, self.model), batches, self.weights.params, m)
+                self._warn_if_not_sampling(batches[0])
+                sketch = sketch_fisher(lambda b: sampled(b, self.model), batches, self.weights.params, m)
+            self._sketch = self._stabilize(sketch)
         return self._sketch
+
+    def _warn_if_not_sampling(self, batch: Any) -> None:
+        with torch.no_grad():
+            first = self.views.sampled_train_loss(batch, self.model)
+            second = self.views.sampled_train_loss(batch, self.model)
+        if bool(torch.equal(first, second)):
+            warn_once(
+                "sketch-no-sampling",
+                "The Task's compute_train_loss(sample=True) does not sample labels (two calls gave the same loss), so "
+                "sketch_sgld's curvature sketch is the empirical Fisher, which underestimates the curvature of a "
+                "well-fitted model; the sketch is rescaled by the measured curvature. Sample targets from the "
+                "model's predictive distribution when sample=True (as for kronfluence's true Fisher).",
+            )
+
+    def _stabilize(self, sketch: CurvatureSketch) -> CurvatureSketch:
+        """Rescale the sketch until step_size x lambda_max(G A) <= 1 on a minibatch (Hessian-vector products).
+
+        A sketch that underestimates the curvature (a Task that ignores sample=True, a loss whose Hessian exceeds
+        its Fisher) would make the chain diverge; the largest preconditioned curvature is what SGLD's stability
+        depends on (< 4 / step_size), so it is measured and the sketch scaled up by the excess.
+        """
+        args = self.args
+        m = self.stream.batch_size
+        rows = torch.randperm(self.stream.n, generator=torch.Generator().manual_seed(args.seed))[:m]
+        batch = self.stream.source.gather(rows)
+        for _ in range(4):
+            probe = SketchSGLD(
+                self.weights.masters,
+                self.weights.anchors,
+                args.step_size,
+                args.nbeta,
+                args.localization,
+                torch.Generator(device=self.device),
+                sketch,
+            )
+            try:
+                lam = preconditioned_sharpness(
+                    lambda: self.views.summed_train_loss(batch, self.model),
+                    self.weights.params,
+                    scale=args.nbeta / m,
+                    localization=args.localization,
+                    preconditioner=probe.apply_root,
+                    generator=torch.Generator().manual_seed(args.seed),
+                )
+            except Exception as exc:  # noqa: BLE001 - no double backward: keep the sketch as built
+                logger.debug("Curvature sketch check skipped: %s", exc)
+                return sketch
+            excess = args.step_size * lam
+            if not math.isfinite(excess) or excess <= 1.0:
+                return sketch
+            logger.info("Curvature sketch: step_size x lambda_max(G A) = %.3g > 1; scaling the sketch up.", excess)
+            sketch = CurvatureSketch(basis=sketch.basis, eigenvalues=sketch.eigenvalues * excess)
+        return sketch
 
     def _sgld_step(self, sampler: SGLD, losses: torch.Tensor, index: int) -> None:
         batch = self.stream.next()

@@ -45,7 +45,8 @@ def test_each_invalid_field_is_named(field, value):
 
 def test_localization_stability_limit():
     with pytest.raises(ValueError, match=r"step_size \* localization / rmsprop_eps must be < 4"):
-        BIFArguments(step_size=1e-4, localization=1e4)  # the RMSprop preconditioner starts at 1/rmsprop_eps
+        # the RMSprop preconditioner starts at 1/rmsprop_eps
+        BIFArguments(sampler="rmsprop_sgld", step_size=1e-4, localization=1e4)
     with pytest.raises(ValueError, match=r"step_size \* localization must be < 4"):
         BIFArguments(sampler="sgld", step_size=1e-2, localization=400)
     BIFArguments(sampler="sgld", step_size=1e-4, localization=1e4)

@@ -120,7 +120,7 @@ def test_sketch_fisher_estimates_the_sampled_label_fisher():
 
 def test_sketch_sgld_arguments():
     args = BIFArguments(sampler="sketch_sgld")
-    assert args.step_size == 0.3 and BIFArguments(sampler="rmsprop_sgld").step_size == 3e-4
+    assert args.step_size == 0.25 and BIFArguments(sampler="rmsprop_sgld").step_size == 3e-4
     with pytest.raises(ValueError, match="localization must be > 0"):
         BIFArguments(sampler="sketch_sgld", localization=0.0)
     with pytest.raises(ValueError, match="step_size must be < 4"):
@@ -179,7 +179,7 @@ def test_sketch_sgld_through_the_analyzer_matches_the_closed_form_at_condition_n
     args = BIFArguments(
         sampler="sketch_sgld",
         num_chains=8,
-        num_draws=2000,
+        num_draws=1000,
         num_burnin_steps=50,
         draw_interval=2,
         step_size=eps,
@@ -210,7 +210,33 @@ def test_sketch_sgld_through_the_analyzer_matches_the_closed_form_at_condition_n
     s = x @ s_cov @ x.T
     expected = (r[:, None] * r[None, :] * s + 0.5 * s**2)[n_train:, :n_train]
     rel = (scores - expected).norm() / expected.norm()
-    # 16000 draws with autocorrelation <= ~5 steps (>= 3000 independent ones): ~3% MC error on the loss
+    # 8000 draws 2 steps apart, autocorrelation <= ~5 steps (>= 1500 independent ones): ~4% MC error on the loss
     # covariances, plus <= 3% from the sketch's error in G A around 1; 10% is about twice that
     print(f"sketch-SGLD closed-form relative error {rel:.4f}")
     assert rel < 0.10, rel
+
+
+def test_task_that_ignores_sample_is_warned_and_the_sketch_is_rescaled_to_stay_stable(tmp_path, caplog):
+    # conftest's PlainRegressionTask returns the true-label loss for sample=True: the sketch is then the empirical
+    # Fisher, ~(2 residual^2) x the curvature (~1/50 here), and the unscaled chain would diverge at its first draw
+    import logging
+
+    from conftest import PlainRegressionTask, fit, make_mlp, make_regression
+
+    from kronfluence_bif import Analyzer, logs, prepare_model
+
+    logs._warned.discard("sketch-no-sampling")  # warned once per process: an earlier test may have seen it
+    train, query = make_regression(48, seed=0), make_regression(10, seed=1)
+    task = PlainRegressionTask()
+    model = prepare_model(fit(make_mlp(), train), task)
+    args = BIFArguments(num_chains=2, num_draws=50, num_burnin_steps=20, sampler_batch_size=16)
+    analyzer = Analyzer("nos", model, task, cpu=True, output_dir=str(tmp_path), disable_tqdm=True, strategy="bif")
+    analyzer.fit_all_factors("f", dataset=train, bif_args=args)
+    with caplog.at_level(logging.INFO, logger="kronfluence_bif"):
+        analyzer.compute_pairwise_scores(
+            "s", "f", query_dataset=query, train_dataset=train, per_device_query_batch_size=5
+        )
+    assert "does not sample labels" in caplog.text
+    assert "scaling the sketch up" in caplog.text
+    scores = analyzer.load_pairwise_scores("s")["all_modules"]
+    assert torch.isfinite(scores).all() and scores.abs().max() > 0
