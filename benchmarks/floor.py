@@ -3,10 +3,12 @@
     python benchmarks/floor.py                      # UCI demo MLP and a 3x1024 MLP (n=2048, q=128), 3 repeats
     python benchmarks/floor.py --cases uci --repeats 5 --threads 2 --json floor.json
 
-The floor does only what BIF cannot avoid, with the same arguments: per chain, burn-in and draws of
-RMSprop-SGLD (frozen preconditioner) on minibatches of m examples, and at every draw the per-example losses of
-the train and query examples under inference mode with the same evaluation batch sizes, plus one float64 GEMM
-per block of draws into the cross-moment sums. The package run is `compute_pairwise_scores` through the
+The floor does only what BIF cannot avoid, with the same arguments: for the default sketch-SGLD, the curvature
+sketch (K sampled-label minibatch gradients at w*, one Gram eigendecomposition), then per chain burn-in and
+draws of preconditioned SGLD on minibatches of m examples (two passes over the [K, p] basis per step); for
+RMSprop-SGLD, its frozen diagonal preconditioner instead. At every draw the per-example losses of the train and
+query examples under inference mode with the same evaluation batch sizes, plus one float64 GEMM per block of
+draws into the cross-moment sums. The package run is `compute_pairwise_scores` through the
 Analyzer (checkpoints off, and with the default checkpoint interval). Prints medians over repeats and the
 ratio package / floor. Not a test.
 """
@@ -69,8 +71,8 @@ def floor_run(model: nn.Module, train, query, args: BIFArguments, eval_bs: int, 
     sum_xy = torch.zeros(q, n, dtype=torch.float64)
     sum_x, sum_y = torch.zeros(n, dtype=torch.float64), torch.zeros(q, dtype=torch.float64)
     buf_x, buf_y = torch.empty(args.draws_per_block, n), torch.empty(args.draws_per_block, q)
-    eps, scale = args.step_size, args.nbeta / m
     start = time.perf_counter()
+    sketch = _floor_sketch(model, params, xt, args) if args.sampler == "sketch_sgld" else None
     for chain in range(args.num_chains):
         gen = torch.Generator().manual_seed(chain)
         with torch.no_grad():
@@ -87,21 +89,10 @@ def floor_run(model: nn.Module, train, query, args: BIFArguments, eval_bs: int, 
             loss = per_example(model, xt[idx], yt[idx]).sum()
             grads = torch.autograd.grad(loss, params)
             with torch.no_grad():
-                drift = torch._foreach_mul(grads, scale)
-                if precond is None:
-                    torch._foreach_mul_(square, args.rmsprop_alpha)
-                    torch._foreach_addcmul_(square, drift, drift, value=1 - args.rmsprop_alpha)
-                    g = torch._foreach_reciprocal(torch._foreach_add(torch._foreach_sqrt(square), args.rmsprop_eps))
-                    if step == args.num_burnin_steps - 1:
-                        precond = g
+                if sketch is not None:
+                    _sketch_step(params, anchors, grads, sketch, args, gen)
                 else:
-                    g = precond
-                torch._foreach_add_(drift, torch._foreach_sub(params, anchors), alpha=args.localization)
-                torch._foreach_mul_(drift, g)
-                torch._foreach_add_(params, drift, alpha=-0.5 * eps)
-                noise = [torch.randn(p.shape, generator=gen) for p in params]
-                torch._foreach_mul_(noise, torch._foreach_sqrt(g))
-                torch._foreach_add_(params, noise, alpha=math.sqrt(eps))
+                    precond = _rmsprop_step(params, anchors, grads, square, precond, step, args, gen)
             if step < args.num_burnin_steps:
                 continue
             with torch.inference_mode():
@@ -119,6 +110,66 @@ def floor_run(model: nn.Module, train, query, args: BIFArguments, eval_bs: int, 
     with torch.no_grad():
         torch._foreach_copy_(params, anchors)
     return time.perf_counter() - start
+
+
+def _rmsprop_step(params, anchors, grads, square, precond, step, args: BIFArguments, gen):
+    """One RMSprop-SGLD step; the preconditioner is frozen after burn-in (returned once frozen)."""
+    drift = torch._foreach_mul(grads, args.nbeta / args.sampler_batch_size)
+    if precond is None:
+        torch._foreach_mul_(square, args.rmsprop_alpha)
+        torch._foreach_addcmul_(square, drift, drift, value=1 - args.rmsprop_alpha)
+        g = torch._foreach_reciprocal(torch._foreach_add(torch._foreach_sqrt(square), args.rmsprop_eps))
+        if step == args.num_burnin_steps - 1:
+            precond = g
+    else:
+        g = precond
+    torch._foreach_add_(drift, torch._foreach_sub(params, anchors), alpha=args.localization)
+    torch._foreach_mul_(drift, g)
+    torch._foreach_add_(params, drift, alpha=-0.5 * args.step_size)
+    noise = [torch.randn(p.shape, generator=gen) for p in params]
+    torch._foreach_mul_(noise, torch._foreach_sqrt(g))
+    torch._foreach_add_(params, noise, alpha=math.sqrt(args.step_size))
+    return precond
+
+
+def _floor_sketch(model, params, xt, args: BIFArguments):
+    """K sampled-label gradients at w* (regression: targets = output + N(0, 1)), orthonormalized via the Gram."""
+    n, m, k = len(xt), min(args.sampler_batch_size, len(xt)), args.sketch_rank
+    gen = torch.Generator().manual_seed(123)
+    rows = torch.empty(k, sum(p.numel() for p in params))
+    for j in range(k):
+        idx = torch.randperm(n, generator=gen)[:m]
+        out = model(xt[idx])
+        target = out.detach() + torch.randn(out.shape, generator=gen)
+        grads = torch.autograd.grad((out - target).pow(2).sum(), params)
+        torch.cat([g.reshape(-1) for g in grads], out=rows[j])
+    rows /= math.sqrt(m * k)
+    values, vectors = torch.linalg.eigh(rows.double() @ rows.T.double())
+    keep = values > values.max() * 1e-8
+    values, vectors = values[keep], vectors[:, keep]
+    basis = (vectors / values.sqrt()).T.float() @ rows
+    lam = args.nbeta * values
+    shrink = (lam / (lam + args.localization)).float()
+    root = (1 - torch.sqrt(args.localization / (lam + args.localization))).float()
+    return basis, shrink, root
+
+
+def _sketch_step(params, anchors, grads, sketch, args: BIFArguments, gen) -> None:
+    basis, shrink, root = sketch
+    eps, gamma, m = args.step_size, args.localization, args.sampler_batch_size
+    drift = torch.cat([g.reshape(-1) for g in grads]).mul_(args.nbeta / m)
+    diff = torch.cat([(p - a).reshape(-1) for p, a in zip(params, anchors)])
+    noise = torch.randn(drift.shape, generator=gen)
+    coef = basis @ torch.stack([drift, diff, noise]).T
+    correction = (0.5 * eps / gamma) * shrink * (coef[:, 0] + gamma * coef[:, 1]) - math.sqrt(
+        eps / gamma
+    ) * root * coef[:, 2]
+    update = (drift + gamma * diff).mul_(-0.5 * eps / gamma).add_(noise, alpha=math.sqrt(eps / gamma))
+    update.addmv_(basis.T, correction)
+    offset = 0
+    for p in params:
+        p.add_(update[offset : offset + p.numel()].view_as(p))
+        offset += p.numel()
 
 
 def package_run(model, train, query, args: BIFArguments, eval_bs: int, query_bs: int) -> float:
@@ -140,6 +191,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--json", default="")
+    parser.add_argument("--sampler", default="sketch_sgld", choices=["sketch_sgld", "rmsprop_sgld"])
     opts = parser.parse_args()
     warnings.filterwarnings("ignore", category=FutureWarning)
     logging.getLogger("kronfluence_bif").setLevel(logging.WARNING)
@@ -152,7 +204,7 @@ def main() -> None:
         train, query, model = make_case(case)
         eval_bs, query_bs = 512, 128
         for label, interval in (("no checkpoints", 0), ("checkpoints every 100 draws", 100)):
-            args = BIFArguments(num_chains=2, num_draws=200, checkpoint_interval=interval)
+            args = BIFArguments(sampler=opts.sampler, num_chains=2, num_draws=200, checkpoint_interval=interval)
             floors = [floor_run(model, train, query, args, eval_bs, query_bs) for _ in range(opts.repeats)]
             runs = [package_run(model, train, query, args, eval_bs, query_bs) for _ in range(opts.repeats)]
             row = {

@@ -210,26 +210,29 @@ class SamplingEngine:
             ]
             self.weights.reset()
             devices = [self.device] if self.device.type == "cuda" else []
+            ignored = []  # per batch: did sample=True give exactly the true-label loss?
+
+            def sampled(batch: Any) -> torch.Tensor:
+                loss = self.views.sampled_train_loss(batch, self.model)
+                with torch.no_grad():
+                    ignored.append(bool(torch.equal(loss.detach(), self.views.summed_train_loss(batch, self.model))))
+                return loss
+
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(chain_seed(args.seed, 0) ^ 0xF15E)
-                sampled = self.views.sampled_train_loss
-                self._warn_if_not_sampling(batches[0])
-                sketch = sketch_fisher(lambda b: sampled(b, self.model), batches, self.weights.params, m)
+                sketch = sketch_fisher(sampled, batches, self.weights.params, m)
+            if all(ignored):
+                # a confident classifier can sample its own labels on a few batches, but not on all K x m examples
+                warn_once(
+                    "sketch-no-sampling",
+                    "The Task's compute_train_loss(sample=True) returned the true-label loss on every one of the "
+                    f"{len(ignored)} sketch batches, so sketch_sgld's curvature sketch is the empirical Fisher, which "
+                    "underestimates the curvature of a well-fitted model; the sketch is rescaled by the measured "
+                    "curvature. Sample targets from the model's predictive distribution when sample=True (as for "
+                    "kronfluence's true Fisher).",
+                )
             self._sketch = self._stabilize(sketch)
         return self._sketch
-
-    def _warn_if_not_sampling(self, batch: Any) -> None:
-        with torch.no_grad():
-            first = self.views.sampled_train_loss(batch, self.model)
-            second = self.views.sampled_train_loss(batch, self.model)
-        if bool(torch.equal(first, second)):
-            warn_once(
-                "sketch-no-sampling",
-                "The Task's compute_train_loss(sample=True) does not sample labels (two calls gave the same loss), so "
-                "sketch_sgld's curvature sketch is the empirical Fisher, which underestimates the curvature of a "
-                "well-fitted model; the sketch is rescaled by the measured curvature. Sample targets from the "
-                "model's predictive distribution when sample=True (as for kronfluence's true Fisher).",
-            )
 
     def _stabilize(self, sketch: CurvatureSketch) -> CurvatureSketch:
         """Rescale the sketch until step_size x lambda_max(G A) <= 1 on a minibatch (Hessian-vector products).
