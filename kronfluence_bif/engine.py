@@ -214,8 +214,10 @@ class SamplingEngine:
 
             def sampled(batch: Any) -> torch.Tensor:
                 loss = self.views.sampled_train_loss(batch, self.model)
-                with torch.no_grad():
-                    ignored.append(bool(torch.equal(loss.detach(), self.views.summed_train_loss(batch, self.model))))
+                if all(ignored):  # one batch whose sampled loss differs settles it: no more extra forward passes
+                    with torch.no_grad():
+                        plain = self.views.summed_train_loss(batch, self.model)
+                    ignored.append(bool(torch.equal(loss.detach(), plain)))
                 return loss
 
             with torch.random.fork_rng(devices=devices):
@@ -235,16 +237,18 @@ class SamplingEngine:
         return self._sketch
 
     def _stabilize(self, sketch: CurvatureSketch) -> CurvatureSketch:
-        """Rescale the sketch until step_size x lambda_max(G A) <= 1 on a minibatch (Hessian-vector products).
+        """Scale the sketch up while step_size x lambda_max(G A) > 2 on a minibatch (Hessian-vector products).
 
         A sketch that underestimates the curvature (a Task that ignores sample=True, a loss whose Hessian exceeds
-        its Fisher) would make the chain diverge; the largest preconditioned curvature is what SGLD's stability
-        depends on (< 4 / step_size), so it is measured and the sketch scaled up by the excess.
+        its Fisher) would make the chain unstable (SGLD needs step_size x lambda_max(G A) < 4; above 2 the variance
+        along that direction is more than doubled). When scaling does not lower the excess, the sharp direction
+        lies outside the sketch: the last scaling is undone (it would only slow the sketched directions down).
         """
         args = self.args
         m = self.stream.batch_size
         rows = torch.randperm(self.stream.n, generator=torch.Generator().manual_seed(args.seed))[:m]
         batch = self.stream.source.gather(rows)
+        previous: Optional[Tuple[CurvatureSketch, float]] = None
         for _ in range(4):
             probe = SketchSGLD(
                 self.weights.masters,
@@ -268,9 +272,18 @@ class SamplingEngine:
                 logger.debug("Curvature sketch check skipped: %s", exc)
                 return sketch
             excess = args.step_size * lam
-            if not math.isfinite(excess) or excess <= 1.0:
+            if previous is not None and excess > 0.8 * previous[1]:
+                logger.info(
+                    "Curvature sketch: step_size x lambda_max(G A) = %.3g after scaling (%.3g before): the sharp "
+                    "direction is outside the sketch; raise `sketch_rank` or lower `step_size` if chains misbehave.",
+                    excess,
+                    previous[1],
+                )
+                return previous[0]
+            if not math.isfinite(excess) or excess <= 2.0:
                 return sketch
-            logger.info("Curvature sketch: step_size x lambda_max(G A) = %.3g > 1; scaling the sketch up.", excess)
+            logger.info("Curvature sketch: step_size x lambda_max(G A) = %.3g > 2; scaling the sketch up.", excess)
+            previous = (sketch, excess)
             sketch = CurvatureSketch(basis=sketch.basis, eigenvalues=sketch.eigenvalues * excess)
         return sketch
 
