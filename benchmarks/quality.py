@@ -3,8 +3,8 @@
     python benchmarks/quality.py --task uci --retrains 60
     python benchmarks/quality.py --task digits --retrains 40 --draws 50 100 200 400 800
 
-For each setting (plain SGLD at the sgld-notes settings, the previous RMSprop-SGLD defaults, the current
-defaults) and each draw count N per chain, one BIF run with num_draws=N (same seed, so the chains of a shorter run
+For each setting (plain SGLD at the sgld-notes settings, the RMSprop-SGLD defaults, sketch-SGLD at nbeta 1e4
+and m 256) and each draw count N per chain, one BIF run with num_draws=N (same seed, so the chains of a shorter run
 are the prefixes of a longer one). Reports LDS against retraining on random halves (cached in --cache), mean
 per-query Spearman and top-10 overlap against kronfluence EK-FAC, wall time, and the draws each setting needs to
 reach 90% of its own final LDS. Writes quality_<task>.json and quality_<task>.md. Not a test: minutes.
@@ -26,14 +26,8 @@ from kronfluence_bif import Analyzer, BIFArguments, FactorArguments, prepare_mod
 
 SETTINGS: Dict[str, Dict[str, Any]] = {
     "plain SGLD (sgld-notes)": {"sampler": "sgld", "step_size": 1e-4, "nbeta": 100.0, "localization": 1000.0},
-    "RMSprop-SGLD (0.1 defaults)": {
-        "sampler": "rmsprop_sgld",
-        "step_size": 3e-4,
-        "nbeta": 1000.0,
-        "localization": 1000.0,
-        "sampler_batch_size": 64,
-    },
-    "defaults": {},
+    "RMSprop-SGLD (defaults)": {},
+    "sketch-SGLD (nbeta 1e4, m 256)": {"sampler": "sketch_sgld", "nbeta": 1e4, "sampler_batch_size": 256},
 }
 
 

@@ -229,7 +229,7 @@ def test_task_that_ignores_sample_is_warned_and_the_sketch_is_rescaled_to_stay_s
     train, query = make_regression(48, seed=0), make_regression(10, seed=1)
     task = PlainRegressionTask()
     model = prepare_model(fit(make_mlp(), train), task)
-    args = BIFArguments(num_chains=2, num_draws=50, num_burnin_steps=20, sampler_batch_size=16)
+    args = BIFArguments(sampler="sketch_sgld", num_chains=2, num_draws=50, num_burnin_steps=20, sampler_batch_size=16)
     analyzer = Analyzer("nos", model, task, cpu=True, output_dir=str(tmp_path), disable_tqdm=True, strategy="bif")
     analyzer.fit_all_factors("f", dataset=train, bif_args=args)
     with caplog.at_level(logging.INFO, logger="kronfluence_bif"):

@@ -54,8 +54,7 @@ PAD_TOKEN, UNK_TOKEN = "<pad>", "<unk>"
 MODEL_FILE, CONFIG_FILE, VOCAB_FILE, TRAINING_FILE = "model.safetensors", "config.json", "vocab.json", "training.json"
 # kronfluence-bif's defaults (step 3e-4, nbeta 1000, gamma 1000: `calibrate` recommends this step on this model),
 # fewer and shorter chains for a CPU demo, and correlations (the paper's normalized BIF, used for its figures)
-# the example's measured settings: the RMSprop-SGLD sampler at nbeta 1e3 (sketch-SGLD's default nbeta 1e4 explodes
-# on small GPT-2s, see README "Defaults")
+# the example's measured settings, pinned (sketch-SGLD at nbeta >= 3e3 explodes on small GPT-2s, README "Defaults")
 DEFAULT_BIF_ARGS: Dict[str, Any] = {
     "sampler": "rmsprop_sgld",
     "nbeta": 1000.0,
