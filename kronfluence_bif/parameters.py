@@ -6,7 +6,6 @@ from fnmatch import fnmatch
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
-from kronfluence.module.tracked_module import TrackedModule
 from torch import nn
 
 CONSTANT_SUFFIX = "_constant"  # kronfluence's TrackedModule adds a zero scalar that must never be sampled
@@ -74,11 +73,6 @@ class SampledWeights:
             self.anchors = [s if s.dtype == torch.float32 else s.float() for s in self.snapshot]
             self.masters = [p.data if p.dtype == torch.float32 else p.detach().float() for p in self.params]
         self._separate = [m.data_ptr() != p.data_ptr() for m, p in zip(self.masters, self.params)]
-        # kronfluence's TrackedModule wrappers only matter to its own hooks (off during sampling): call the wrapped
-        # module directly, saving a Python call and an elementwise add per tracked layer and forward pass
-        self._bypassed = [m for m in self.model.modules() if isinstance(m, TrackedModule) and "forward" not in vars(m)]
-        for module in self._bypassed:
-            module.forward = module.original_module
         self.model.eval()
         for p in self.params:
             p.requires_grad_(True)
@@ -119,8 +113,5 @@ class SampledWeights:
                 param.copy_(saved)
         for param, flag in zip(self.params, self._requires_grad):
             param.requires_grad_(flag)
-        for module in self._bypassed:
-            del module.forward
-        self._bypassed = []
         self.model.train(self._training)
         self.snapshot = self.anchors = self.masters = []
