@@ -12,7 +12,7 @@ BIF settings: the package defaults (RMSprop-SGLD, 4 x 400 draws, m 64) and the p
 Table 3 "Scaling" row (plain SGLD, m 32, 4 x 500 draws, no burn-in, eps 5e-6, nbeta 30, gamma 300). EK-FAC:
 fit_all_factors + compute_pairwise_scores.
 Each cell: median wall time over --repeats and the peak resident memory above the start of the call (Linux
-VmHWM). Not a test: about 20 minutes on 2 cores with the default cases.
+VmHWM), each measured in a fresh process. Not a test: about 20 minutes on 2 cores with the default cases.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import argparse
 import copy
 import json
 import logging
+import multiprocessing
 import os
 import platform
 import statistics
@@ -91,6 +92,21 @@ def gpt_case(width: int, n: int = 256, q: int = 8, context: int = 64):
     return model.eval(), task, dict(train=train, query=queries, batch=32, query_batch=q)
 
 
+def measure_in_child(case_file: str, method: str, per_token: bool, bif: Dict[str, Any], threads: int):
+    """One measurement in a fresh process, so its peak memory is not hidden by what an earlier one freed."""
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(1) as pool:
+        return pool.apply(_child, (case_file, method, per_token, bif, threads))
+
+
+def _child(case_file: str, method: str, per_token: bool, bif: Dict[str, Any], threads: int) -> Dict[str, float]:
+    warnings.filterwarnings("ignore")
+    logging.getLogger("kronfluence_bif").setLevel(logging.ERROR)
+    torch.set_num_threads(threads)
+    model, task, data = torch.load(case_file, weights_only=False)
+    return time_method(model, task, data, method, per_token, bif)
+
+
 def time_method(model, task, data, method: str, per_token: bool, bif: Dict[str, Any]) -> Dict[str, float]:
     prepared = prepare_model(copy.deepcopy(model), task)
     score_args = ScoreArguments(compute_per_token_scores=per_token)
@@ -131,12 +147,15 @@ def main() -> None:
     cases = [("mlp", w, False) for w in opts.mlp_widths]
     cases += [("gpt", w, per_token) for w in opts.gpt_widths for per_token in (False, True)]
     rows: List[Dict[str, Any]] = []
+    tmp_dir = tempfile.mkdtemp(prefix="ekfac_vs_bif_")
     for kind, width, per_token in cases:
         model, task, data = mlp_case(width) if kind == "mlp" else gpt_case(width)
         weights = sum(p.numel() for p in model.parameters())
+        case_file = os.path.join(tmp_dir, f"{kind}{width}.pt")
+        torch.save((model, task, data), case_file)
         methods = [("EK-FAC", "ekfac", {})] + [(f"BIF {k}", "bif", BIF_SETTINGS[k]) for k in opts.bif]
         for label, method, bif in methods:
-            runs = [time_method(model, task, data, method, per_token, bif) for _ in range(opts.repeats)]
+            runs = [measure_in_child(case_file, method, per_token, bif, opts.threads) for _ in range(opts.repeats)]
             row = {
                 "case": f"{kind} {width}" + (" per-token" if per_token else ""),
                 "weights": weights,
