@@ -3,12 +3,12 @@
     python benchmarks/floor.py                      # UCI demo MLP and a 3x1024 MLP (n=2048, q=128), 3 repeats
     python benchmarks/floor.py --cases uci --repeats 5 --threads 2 --json floor.json
 
-The floor does only what BIF cannot avoid, with the same arguments: for the default sketch-SGLD, the curvature
-sketch (K sampled-label minibatch gradients at w*, one Gram eigendecomposition), then per chain burn-in and
-draws of preconditioned SGLD on minibatches of m examples (two passes over the [K, p] basis per step); for
-RMSprop-SGLD, its frozen diagonal preconditioner instead. At every draw the per-example losses of the train and
-query examples under inference mode with the same evaluation batch sizes, plus one float64 GEMM per block of
-draws into the cross-moment sums. The package run is `compute_pairwise_scores` through the
+The floor does only what BIF cannot avoid, with the same arguments: the sampler's steps on minibatches of m
+examples (RMSprop-SGLD, the default, with its frozen diagonal preconditioner; or, with `--sampler sketch_sgld`, the
+package's `sketch_fisher` once and its `SketchSGLD` step: that step is the algorithm, so the ratio measures the
+engine around it), and at every draw the per-example losses of the train and query examples under inference
+mode with the same evaluation batch sizes, plus one float64 GEMM per block of draws into the cross-moment sums.
+The package run is `compute_pairwise_scores` through the
 Analyzer (checkpoints off, and with the default checkpoint interval). Prints medians over repeats and the
 ratio package / floor. Not a test.
 """
@@ -34,6 +34,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from kronfluence_bif import Analyzer, BIFArguments, RegressionTask, prepare_model
+from kronfluence_bif.curvature import CurvatureSketch, sketch_fisher
+from kronfluence_bif.sampler import SketchSGLD
 
 
 def make_case(name: str):
@@ -79,6 +81,11 @@ def floor_run(model: nn.Module, train, query, args: BIFArguments, eval_bs: int, 
             torch._foreach_copy_(params, anchors)
         square = [torch.zeros_like(p) for p in params]
         precond = None
+        stepper = (
+            None
+            if sketch is None
+            else SketchSGLD(params, anchors, args.step_size, args.nbeta, args.localization, gen, sketch)
+        )
         perm, pos = torch.randperm(n, generator=gen), 0
         filled = 0
         for step in range(args.num_burnin_steps + args.num_draws):
@@ -89,8 +96,8 @@ def floor_run(model: nn.Module, train, query, args: BIFArguments, eval_bs: int, 
             loss = per_example(model, xt[idx], yt[idx]).sum()
             grads = torch.autograd.grad(loss, params)
             with torch.no_grad():
-                if sketch is not None:
-                    _sketch_step(params, anchors, grads, sketch, args, gen)
+                if stepper is not None:
+                    stepper.step(grads, m)
                 else:
                     precond = _rmsprop_step(params, anchors, grads, square, precond, step, args, gen)
             if step < args.num_burnin_steps:
@@ -132,44 +139,17 @@ def _rmsprop_step(params, anchors, grads, square, precond, step, args: BIFArgume
     return precond
 
 
-def _floor_sketch(model, params, xt, args: BIFArguments):
-    """K sampled-label gradients at w* (regression: targets = output + N(0, 1)), orthonormalized via the Gram."""
-    n, m, k = len(xt), min(args.sampler_batch_size, len(xt)), args.sketch_rank
+def _floor_sketch(model, params, xt, args: BIFArguments) -> CurvatureSketch:
+    """The package's sketch from K sampled-label gradients at w* (regression: targets = output + N(0, 1))."""
+    n, m = len(xt), min(args.sampler_batch_size, len(xt))
     gen = torch.Generator().manual_seed(123)
-    rows = torch.empty(k, sum(p.numel() for p in params))
-    for j in range(k):
-        idx = torch.randperm(n, generator=gen)[:m]
+    batches = [torch.randperm(n, generator=gen)[:m] for _ in range(args.sketch_rank)]
+
+    def sampled_loss(idx):
         out = model(xt[idx])
-        target = out.detach() + torch.randn(out.shape, generator=gen)
-        grads = torch.autograd.grad((out - target).pow(2).sum(), params)
-        torch.cat([g.reshape(-1) for g in grads], out=rows[j])
-    rows /= math.sqrt(m * k)
-    values, vectors = torch.linalg.eigh(rows.double() @ rows.T.double())
-    keep = values > values.max() * 1e-8
-    values, vectors = values[keep], vectors[:, keep]
-    basis = (vectors / values.sqrt()).T.float() @ rows
-    lam = args.nbeta * values
-    shrink = (lam / (lam + args.localization)).float()
-    root = (1 - torch.sqrt(args.localization / (lam + args.localization))).float()
-    return basis, shrink, root
+        return (out - (out.detach() + torch.randn(out.shape, generator=gen))).pow(2).sum()
 
-
-def _sketch_step(params, anchors, grads, sketch, args: BIFArguments, gen) -> None:
-    basis, shrink, root = sketch
-    eps, gamma, m = args.step_size, args.localization, args.sampler_batch_size
-    drift = torch.cat([g.reshape(-1) for g in grads]).mul_(args.nbeta / m)
-    diff = torch.cat([(p - a).reshape(-1) for p, a in zip(params, anchors)])
-    noise = torch.randn(drift.shape, generator=gen)
-    coef = basis @ torch.stack([drift, diff, noise]).T
-    correction = (0.5 * eps / gamma) * shrink * (coef[:, 0] + gamma * coef[:, 1]) - math.sqrt(
-        eps / gamma
-    ) * root * coef[:, 2]
-    update = (drift + gamma * diff).mul_(-0.5 * eps / gamma).add_(noise, alpha=math.sqrt(eps / gamma))
-    update.addmv_(basis.T, correction)
-    offset = 0
-    for p in params:
-        p.add_(update[offset : offset + p.numel()].view_as(p))
-        offset += p.numel()
+    return sketch_fisher(sampled_loss, batches, params, m)
 
 
 def package_run(model, train, query, args: BIFArguments, eval_bs: int, query_bs: int) -> float:
@@ -191,7 +171,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--json", default="")
-    parser.add_argument("--sampler", default="sketch_sgld", choices=["sketch_sgld", "rmsprop_sgld"])
+    parser.add_argument("--sampler", default="rmsprop_sgld", choices=["rmsprop_sgld", "sketch_sgld"])
     opts = parser.parse_args()
     warnings.filterwarnings("ignore", category=FutureWarning)
     logging.getLogger("kronfluence_bif").setLevel(logging.WARNING)

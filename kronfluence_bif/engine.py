@@ -245,9 +245,6 @@ class SamplingEngine:
         lies outside the sketch: the last scaling is undone (it would only slow the sketched directions down).
         """
         args = self.args
-        m = self.stream.batch_size
-        rows = torch.randperm(self.stream.n, generator=torch.Generator().manual_seed(args.seed))[:m]
-        batch = self.stream.source.gather(rows)
         previous: Optional[Tuple[CurvatureSketch, float]] = None
         for _ in range(4):
             probe = SketchSGLD(
@@ -259,17 +256,8 @@ class SamplingEngine:
                 torch.Generator(device=self.device),
                 sketch,
             )
-            try:
-                lam = preconditioned_sharpness(
-                    lambda: self.views.summed_train_loss(batch, self.model),
-                    self.weights.params,
-                    scale=args.nbeta / m,
-                    localization=args.localization,
-                    preconditioner=probe.apply_root,
-                    generator=torch.Generator().manual_seed(args.seed),
-                )
-            except Exception as exc:  # noqa: BLE001 - no double backward: keep the sketch as built
-                logger.debug("Curvature sketch check skipped: %s", exc)
+            lam = self._sharpness_on_probe_batch(probe.apply_root, args.localization)
+            if lam is None:  # no double backward: keep the sketch as built
                 return sketch
             excess = args.step_size * lam
             if previous is not None and excess > 0.8 * previous[1]:
@@ -479,6 +467,11 @@ class SamplingEngine:
 
     def _estimate_sharpness(self, sampler: SGLD) -> Optional[float]:
         """lambda_max of G^1/2 (nbeta/m H) G^1/2 on a fixed minibatch; None when double backward fails."""
+        # the localization's own limit is checked by BIFArguments
+        return self._sharpness_on_probe_batch(sampler.apply_root, localization=0.0)
+
+    def _sharpness_on_probe_batch(self, apply_root, localization: float) -> Optional[float]:
+        """lambda_max of G^1/2 (nbeta/m H + localization) G^1/2 on the seeded probe minibatch; None on failure."""
         m = self.stream.batch_size
         rows = torch.randperm(self.stream.n, generator=torch.Generator().manual_seed(self.args.seed))[:m]
         batch = self.stream.source.gather(rows)
@@ -487,11 +480,11 @@ class SamplingEngine:
                 lambda: self.views.summed_train_loss(batch, self.model),
                 self.weights.params,
                 scale=self.args.nbeta / m,
-                localization=0.0,  # the localization's own limit is checked by BIFArguments
-                preconditioner=sampler.apply_root,
+                localization=localization,
+                preconditioner=apply_root,
                 generator=torch.Generator().manual_seed(self.args.seed),
             )
-        except Exception as exc:  # noqa: BLE001 - a diagnostic must never stop the run
+        except Exception as exc:  # noqa: BLE001 - a diagnostic or a check must never stop the run
             logger.debug("Sharpness estimate skipped: %s", exc)
             return None
 
