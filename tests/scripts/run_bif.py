@@ -123,11 +123,17 @@ def main() -> None:
     )
     # kronfluence refuses cpu=True with a DDP-wrapped model; without CUDA its device is the CPU anyway
     analyzer = Analyzer("dist", model, task, cpu=not opts.ddp, output_dir=str(out), disable_tqdm=True, strategy="bif")
-    analyzer.fit_all_factors("bif", train, bif_args=bif_args)
-    kw = dict(per_device_train_batch_size=8)
-    analyzer.compute_pairwise_scores("pw", "bif", query, train, per_device_query_batch_size=4, **kw)
-    if opts.only != "pairwise":
-        analyzer.compute_self_scores("self", "bif", train, **kw)
+    try:
+        analyzer.fit_all_factors("bif", train, bif_args=bif_args)
+        kw = dict(per_device_train_batch_size=8)
+        analyzer.compute_pairwise_scores("pw", "bif", query, train, per_device_query_batch_size=4, **kw)
+        if opts.only != "pairwise":
+            analyzer.compute_self_scores("self", "bif", train, **kw)
+    finally:
+        if opts.ddp:
+            # this script started the group, so it closes it, as any DDP script must: gloo threads still alive at
+            # interpreter exit abort the process ("terminate called without an active exception") now and then
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
