@@ -16,10 +16,9 @@ Not a test: about a minute (UCI) or three (digits) on 2 cores.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
-from defaults_grid import lds, retrain_losses, task_setup
+from defaults_grid import LDSSetup, lds
 from torch.func import functional_call, jacrev, vmap
 
 DAMPINGS = [1e-4, 1e-3, 1e-2, 3e-2, 1e-1, 1.0]
@@ -43,11 +42,9 @@ def main() -> None:
     parser.add_argument("--cache", default="./benchmark_results")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    out = Path(args.cache)
-    out.mkdir(parents=True, exist_ok=True)
-    train, query, fit, query_losses, _ = task_setup(args.task)
-    masks, losses = retrain_losses(train, fit, query_losses, args.retrains, out / f"{args.task}_retrains.npz")
-    model = fit(train, 0).double().eval()
+    setup = LDSSetup.load(args.task, args.retrains, args.cache)
+    train, query, masks, losses = setup.train, setup.query, setup.masks, setup.losses
+    model = setup.fit(train, 0).double().eval()
     x, y = train.tensors
     xq, yq = query.tensors
     x, xq = x.double(), xq.double()

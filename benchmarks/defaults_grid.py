@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable, Optional, Tuple
 
 import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from kronfluence_bif import Analyzer, BIFArguments, ClassificationTask, FactorArguments, RegressionTask, prepare_model
+from kronfluence_bif import Analyzer, BIFArguments, ClassificationTask, RegressionTask, prepare_model
 from kronfluence_bif.demo.__main__ import agreement as demo_agreement
+from kronfluence_bif.demo.ab import score_method
 from kronfluence_bif.demo.digits import load_digits_split, train_classifier
 from kronfluence_bif.demo.uci import load_concrete, train_mlp
 from kronfluence_bif.lds import linear_datamodeling_score
@@ -80,6 +82,37 @@ def agreement(ref, scores):
     return result["spearman"], result["top10_overlap"]
 
 
+@dataclass
+class LDSSetup:
+    """A task's data, Task and trainer, and its retrains on random halves (cached in `out`)."""
+
+    name: str
+    out: Path
+    train: TensorDataset
+    query: TensorDataset
+    fit: Callable[[TensorDataset, int], torch.nn.Module]
+    task: Any
+    masks: np.ndarray
+    losses: np.ndarray
+
+    @classmethod
+    def load(cls, name: str, retrains: int, cache: str) -> LDSSetup:
+        out = Path(cache)
+        out.mkdir(parents=True, exist_ok=True)
+        train, query, fit, query_losses, task = task_setup(name)
+        masks, losses = retrain_losses(train, fit, query_losses, retrains, out / f"{name}_retrains.npz")
+        return cls(name, out, train, query, fit, task, masks, losses)
+
+    def lds(self, scores: np.ndarray) -> float:
+        return lds(scores, self.masks, self.losses)
+
+    def score(
+        self, analyzer: Analyzer, name: str, strategy: str = "ekfac", bif_args: Optional[BIFArguments] = None
+    ) -> Tuple[np.ndarray, float]:
+        """Pairwise scores of every query against every train example with `strategy`, and the fit + score time."""
+        return score_method(analyzer, self, name, strategy, bif_args)  # it reads only `.train` and `.query`
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", choices=["uci", "digits"], default="uci")
@@ -92,63 +125,37 @@ def main() -> None:
     parser.add_argument("--cache", default="./benchmark_results")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    out = Path(args.cache)
-    out.mkdir(parents=True, exist_ok=True)
-    train, query, fit, query_losses, task = task_setup(args.task)
-    masks, losses = retrain_losses(train, fit, query_losses, args.retrains, out / f"{args.task}_retrains.npz")
-    model = prepare_model(fit(train, 0), task)
-    analyzer = Analyzer(args.task, model, task, cpu=True, output_dir=str(out), disable_tqdm=True)
-    common = dict(
-        query_dataset=query,
-        train_dataset=train,
-        per_device_query_batch_size=len(query),
-        per_device_train_batch_size=len(train),
-        overwrite_output_dir=True,
-    )
+    setup = LDSSetup.load(args.task, args.retrains, args.cache)
+    model = prepare_model(setup.fit(setup.train, 0), setup.task)
+    analyzer = Analyzer(args.task, model, setup.task, cpu=True, output_dir=str(setup.out), disable_tqdm=True)
     rows = []
-    start = time.perf_counter()
-    analyzer.fit_all_factors("ekfac", dataset=train, per_device_batch_size=len(train), overwrite_output_dir=True)
-    analyzer.compute_pairwise_scores("ekfac", "ekfac", **common)
-    ekfac = analyzer.load_pairwise_scores("ekfac")["all_modules"].numpy()
-    rows.append({"setting": "EK-FAC", "seconds": time.perf_counter() - start, "lds": lds(ekfac, masks, losses)})
-    analyzer.fit_all_factors(
-        "identity", dataset=train, factor_args=FactorArguments(strategy="identity"), overwrite_output_dir=True
-    )
-    analyzer.compute_pairwise_scores("identity", "identity", **common)
-    ident = analyzer.load_pairwise_scores("identity")["all_modules"].numpy()
-    rows.append(
-        {"setting": "identity", "lds": lds(ident, masks, losses), "spearman_vs_ekfac": agreement(ekfac, ident)[0]}
-    )
+    ekfac, seconds = setup.score(analyzer, "ekfac")
+    rows.append({"setting": "EK-FAC", "seconds": seconds, "lds": setup.lds(ekfac)})
+    ident, _ = setup.score(analyzer, "identity", "identity")
+    rows.append({"setting": "identity", "lds": setup.lds(ident), "spearman_vs_ekfac": agreement(ekfac, ident)[0]})
     for i, overrides in enumerate(json.loads(args.grid)):
-        name = f"bif{i}"
-        start = time.perf_counter()
         try:
-            analyzer.fit_all_factors(
-                name,
-                dataset=train,
-                factor_args=FactorArguments(strategy="bif"),
-                bif_args=BIFArguments(**overrides),
-                overwrite_output_dir=True,
-            )
-            analyzer.compute_pairwise_scores(name, name, **common)
+            scores, seconds = setup.score(analyzer, f"bif{i}", "bif", BIFArguments(**overrides))
         except Exception as exc:  # noqa: BLE001 - a diverging setting is a result of the grid, not a crash
             rows.append({"setting": overrides or "defaults", "error": str(exc).splitlines()[0][:160]})
             continue
-        scores = analyzer.load_pairwise_scores(name)["all_modules"].numpy()
         rho, top = agreement(ekfac, scores)
         rows.append(
             {
                 "setting": overrides or "defaults",
-                "seconds": time.perf_counter() - start,
-                "lds": lds(scores, masks, losses),
+                "seconds": seconds,
+                "lds": setup.lds(scores),
                 "spearman_vs_ekfac": rho,
                 "top10_overlap": top,
             }
         )
-    print(f"\n{args.task}: {len(train)} train, {len(query)} query, {len(masks)} retrains, torch {torch.__version__}")
+    print(
+        f"\n{args.task}: {len(setup.train)} train, {len(setup.query)} query, {len(setup.masks)} retrains, "
+        f"torch {torch.__version__}"
+    )
     for row in rows:
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}))
-    (out / f"{args.task}_grid.json").write_text(json.dumps(rows, indent=2, default=str))
+    (setup.out / f"{args.task}_grid.json").write_text(json.dumps(rows, indent=2, default=str))
 
 
 if __name__ == "__main__":

@@ -20,17 +20,15 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import logging
 import multiprocessing
 import os
-import platform
 import statistics
 import tempfile
-import warnings
 from typing import Any, Dict, List
 
 import torch
 import torch.nn.functional as F
+from common import describe_machine, quiet, write_json
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -100,9 +98,7 @@ def measure_in_child(case_file: str, method: str, per_token: bool, bif: Dict[str
 
 
 def _child(case_file: str, method: str, per_token: bool, bif: Dict[str, Any], threads: int) -> Dict[str, float]:
-    warnings.filterwarnings("ignore")
-    logging.getLogger("kronfluence_bif").setLevel(logging.ERROR)
-    torch.set_num_threads(threads)
+    quiet(threads)
     model, task, data = torch.load(case_file, weights_only=False)
     return time_method(model, task, data, method, per_token, bif)
 
@@ -138,12 +134,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--json", default="")
     opts = parser.parse_args()
-    warnings.filterwarnings("ignore")
-    logging.getLogger("kronfluence_bif").setLevel(logging.ERROR)
-    torch.set_num_threads(opts.threads)
-    machine = {"cpu_cores": os.cpu_count(), "threads": opts.threads, "torch": torch.__version__}
-    machine["python"] = platform.python_version()
-    print("machine:", json.dumps(machine), flush=True)
+    quiet(opts.threads)
+    machine = describe_machine(opts.threads)
     cases = [("mlp", w, False) for w in opts.mlp_widths]
     cases += [("gpt", w, per_token) for w in opts.gpt_widths for per_token in (False, True)]
     rows: List[Dict[str, Any]] = []
@@ -173,9 +165,7 @@ def main() -> None:
             f"| {r['case']} | {r['weights']:,} | {r['n_train']} x {r['n_query']} | {r['method']} | "
             f"{r['seconds']:.1f} | {r['peak_mib']:.0f} |"
         )
-    if opts.json:
-        with open(opts.json, "w") as f:
-            json.dump({"machine": machine, "rows": rows}, f, indent=2)
+    write_json(opts.json, {"machine": machine, "rows": rows})
 
 
 if __name__ == "__main__":

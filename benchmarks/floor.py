@@ -20,16 +20,14 @@ import copy
 import json
 import logging
 import math
-import os
-import platform
 import statistics
 import tempfile
 import time
-import warnings
 from typing import Dict, List
 
 import torch
 import torch.nn.functional as F
+from common import describe_machine, quiet, write_json
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -173,12 +171,8 @@ def main() -> None:
     parser.add_argument("--json", default="")
     parser.add_argument("--sampler", default="rmsprop_sgld", choices=["rmsprop_sgld", "sketch_sgld"])
     opts = parser.parse_args()
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    logging.getLogger("kronfluence_bif").setLevel(logging.WARNING)
-    torch.set_num_threads(opts.threads)
-    machine = {"cpu_cores": os.cpu_count(), "threads": opts.threads, "torch": torch.__version__}
-    machine["python"] = platform.python_version()
-    print("machine:", json.dumps(machine))
+    quiet(opts.threads, logging.WARNING, FutureWarning)
+    machine = describe_machine(opts.threads)
     rows: List[Dict] = []
     for case in opts.cases:
         train, query, model = make_case(case)
@@ -204,9 +198,7 @@ def main() -> None:
             f"| {r['case']} | {r['setting']} | {r['n_train']} x {r['n_query']} | {r['floor_s']:.2f} | "
             f"{r['bif_s']:.2f} | {r['ratio']:.2f} |"
         )
-    if opts.json:
-        with open(opts.json, "w") as f:
-            json.dump({"machine": machine, "rows": rows}, f, indent=2)
+    write_json(opts.json, {"machine": machine, "rows": rows})
 
 
 if __name__ == "__main__":

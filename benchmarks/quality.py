@@ -15,14 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import time
-from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
-from defaults_grid import agreement, lds, retrain_losses, task_setup
+from defaults_grid import LDSSetup, agreement
 
-from kronfluence_bif import Analyzer, BIFArguments, FactorArguments, prepare_model
+from kronfluence_bif import Analyzer, BIFArguments, prepare_model
 
 SETTINGS: Dict[str, Dict[str, Any]] = {
     "plain SGLD (sgld-notes)": {"sampler": "sgld", "step_size": 1e-4, "nbeta": 100.0, "localization": 1000.0},
@@ -49,47 +47,24 @@ def main() -> None:
     parser.add_argument("--cache", default="./benchmark_results")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    out = Path(args.cache)
-    out.mkdir(parents=True, exist_ok=True)
-    train, query, fit, query_losses, task = task_setup(args.task)
-    masks, losses = retrain_losses(train, fit, query_losses, args.retrains, out / f"{args.task}_retrains.npz")
-    model = prepare_model(fit(train, 0), task)
-    analyzer = Analyzer(f"q_{args.task}", model, task, cpu=True, output_dir=str(out), disable_tqdm=True)
-    common = dict(
-        query_dataset=query,
-        train_dataset=train,
-        per_device_query_batch_size=len(query),
-        per_device_train_batch_size=len(train),
-        overwrite_output_dir=True,
-    )
-    start = time.perf_counter()
-    analyzer.fit_all_factors("ekfac", dataset=train, per_device_batch_size=len(train), overwrite_output_dir=True)
-    analyzer.compute_pairwise_scores("ekfac", "ekfac", **common)
-    ekfac = analyzer.load_pairwise_scores("ekfac")["all_modules"].numpy()
-    ekfac_row = {"seconds": time.perf_counter() - start, "lds": lds(ekfac, masks, losses)}
+    setup = LDSSetup.load(args.task, args.retrains, args.cache)
+    train, query, masks, out = setup.train, setup.query, setup.masks, setup.out
+    model = prepare_model(setup.fit(train, 0), setup.task)
+    analyzer = Analyzer(f"q_{args.task}", model, setup.task, cpu=True, output_dir=str(out), disable_tqdm=True)
+    ekfac, seconds = setup.score(analyzer, "ekfac")
+    ekfac_row = {"seconds": seconds, "lds": setup.lds(ekfac)}
     curves: Dict[str, List[Dict[str, Any]]] = {}
     for label in args.settings:
         curves[label] = []
         for n_draws in args.draws:
             bif = BIFArguments(**{**SETTINGS[label], "num_draws": n_draws, "checkpoint_interval": 0})
-            name = f"bif_{len(curves)}_{n_draws}"
-            start = time.perf_counter()
-            analyzer.fit_all_factors(
-                name,
-                dataset=train,
-                factor_args=FactorArguments(strategy="bif"),
-                bif_args=bif,
-                overwrite_output_dir=True,
-            )
-            analyzer.compute_pairwise_scores(name, name, **common)
-            seconds = time.perf_counter() - start
-            scores = analyzer.load_pairwise_scores(name)["all_modules"].numpy()
+            scores, seconds = setup.score(analyzer, f"bif_{len(curves)}_{n_draws}", "bif", bif)
             rho, top = agreement(ekfac, scores)
             point = {
                 "draws_per_chain": n_draws,
                 "total_draws": n_draws * bif.num_chains,
                 "seconds": seconds,
-                "lds": lds(scores, masks, losses),
+                "lds": setup.lds(scores),
                 "spearman_vs_ekfac": rho,
                 "top10_overlap": top,
             }

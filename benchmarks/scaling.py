@@ -14,17 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
 import statistics
 import tempfile
 import time
-import warnings
 from typing import Any, Dict, List
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from common import describe_machine, quiet, write_json
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -71,10 +69,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--json", default="")
     opts = parser.parse_args()
-    warnings.filterwarnings("ignore")
-    logging.getLogger("kronfluence_bif").setLevel(logging.ERROR)
-    torch.set_num_threads(opts.threads)
-    print("machine:", json.dumps({"cpu_cores": os.cpu_count(), "threads": opts.threads, "torch": torch.__version__}))
+    quiet(opts.threads)
+    machine = describe_machine(opts.threads)
     results: Dict[str, Any] = {}
     for axis, values in AXES.items():
         rows: List[Dict[str, float]] = []
@@ -94,9 +90,7 @@ def main() -> None:
         values = ", ".join(f"{r[axis]}: {r['seconds']:.1f} s" for r in res["rows"])
         fit = f"{res['intercept_s']:.2f} s + {res['slope_s'] * 1e3:.3f} ms x {axis}"
         print(f"| {axis} | {values} | {fit} | {res['r2']:.4f} |")
-    if opts.json:
-        with open(opts.json, "w") as f:
-            json.dump(results, f, indent=2)
+    write_json(opts.json, {"machine": machine, "axes": results})
 
 
 if __name__ == "__main__":

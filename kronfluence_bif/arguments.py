@@ -148,29 +148,7 @@ class BIFArguments:
         _check_float("rmsprop_eps", self.rmsprop_eps, low=0.0, hint="typical values 1e-8 to 1")
         _check_float("moment_memory_gb", self.moment_memory_gb, low=0.0, hint="e.g. 4")
         _check_float("divergence_loss_ratio", self.divergence_loss_ratio, low=1.0, hint="e.g. 1000")
-        if self.sampler == "sketch_sgld":
-            if float(self.localization) <= 0.0:
-                raise ValueError(
-                    "BIFArguments.localization must be > 0 with sampler='sketch_sgld' (its preconditioner is "
-                    "1/localization outside the curvature sketch); use e.g. localization=1000."
-                )
-            if float(self.step_size) >= 4.0:
-                raise ValueError(
-                    f"BIFArguments.step_size must be < 4 with sampler='sketch_sgld' (it is dimensionless; typical "
-                    f"0.1 to 0.5), got {self.step_size!r}: the localization term alone would diverge."
-                )
-            return self._validate_rest()
-        max_precond = 1.0 if self.sampler == "sgld" else 1.0 / float(self.rmsprop_eps)
-        if float(self.step_size) * float(self.localization) * max_precond >= 4.0:
-            raise ValueError(
-                f"BIFArguments.step_size * localization{' / rmsprop_eps' if self.sampler != 'sgld' else ''} must be "
-                f"< 4, got {float(self.step_size) * float(self.localization) * max_precond:g}: the localization "
-                "term alone would make the chain oscillate and diverge. Lower `step_size` or `localization`"
-                + (" or raise `rmsprop_eps`." if self.sampler != "sgld" else ".")
-            )
-        self._validate_rest()
-
-    def _validate_rest(self) -> None:
+        self._check_stability()
         if self.sampled_modules is not None and (
             isinstance(self.sampled_modules, str)
             or not all(isinstance(p, str) and p for p in self.sampled_modules)
@@ -185,6 +163,29 @@ class BIFArguments:
         for name in ("normalize", "freeze_preconditioner", "cache_batches", "keep_checkpoints", "token_by_token"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"BIFArguments.{name} must be True or False, got {getattr(self, name)!r}.")
+
+    def _check_stability(self) -> None:
+        """The localization term alone must not make the chain oscillate and diverge (step x gamma x max G < 4)."""
+        if self.sampler == "sketch_sgld":
+            if float(self.localization) <= 0.0:
+                raise ValueError(
+                    "BIFArguments.localization must be > 0 with sampler='sketch_sgld' (its preconditioner is "
+                    "1/localization outside the curvature sketch); use e.g. localization=1000."
+                )
+            if float(self.step_size) >= 4.0:
+                raise ValueError(
+                    f"BIFArguments.step_size must be < 4 with sampler='sketch_sgld' (it is dimensionless; typical "
+                    f"0.1 to 0.5), got {self.step_size!r}: the localization term alone would diverge."
+                )
+            return
+        max_precond = 1.0 if self.sampler == "sgld" else 1.0 / float(self.rmsprop_eps)
+        if float(self.step_size) * float(self.localization) * max_precond >= 4.0:
+            raise ValueError(
+                f"BIFArguments.step_size * localization{' / rmsprop_eps' if self.sampler != 'sgld' else ''} must be "
+                f"< 4, got {float(self.step_size) * float(self.localization) * max_precond:g}: the localization "
+                "term alone would make the chain oscillate and diverge. Lower `step_size` or `localization`"
+                + (" or raise `rmsprop_eps`." if self.sampler != "sgld" else ".")
+            )
 
     @property
     def num_total_draws(self) -> int:

@@ -438,9 +438,8 @@ class BIFScorer:
         for warning in report["warnings"]:
             logger.warning("BIF sampler diagnostics (%s): %s", warning["code"], warning["message"])
         storage.save_tensors(out / storage.BIF_TRACES_FILE, result.traces)
-        storage.save_json(
-            jsonable(report), out / storage.BIF_DIAGNOSTICS_FILE
-        )  # NaN (e.g. R-hat of flat chains) -> null
+        # NaN (e.g. the R-hat of flat chains) becomes null: the file stays strict JSON
+        storage.save_json(jsonable(report), out / storage.BIF_DIAGNOSTICS_FILE)
 
 
 def header_metadata(args: ScoreArguments, bif_args: BIFArguments) -> Dict[str, str]:
