@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any, Dict, Optional, Sequence
 
@@ -18,6 +19,7 @@ from kronfluence_bif.arguments import RUN_CONTROL_FIELDS, BIFArguments
 from kronfluence_bif.distributed import process_state
 from kronfluence_bif.logs import logger
 from kronfluence_bif.scoring import BIFScorer, ScoreRequest
+from kronfluence_bif.tracking import tracked_module_names, untracked_error, untracked_model_allowed
 
 KRONFLUENCE_STRATEGIES = ("identity", "diagonal", "kfac", "ekfac")
 STRATEGIES = KRONFLUENCE_STRATEGIES + ("bif",)
@@ -54,29 +56,56 @@ class Analyzer(KronfluenceAnalyzer):
         check_strategy(strategy, "Analyzer(strategy=...)")
         if bif_args is not None and not isinstance(bif_args, BIFArguments):
             raise TypeError(f"`bif_args` must be a BIFArguments, got {type(bif_args).__name__}.")
-        super().__init__(
-            analysis_name=analysis_name,
-            model=model,
-            task=task,
-            cpu=cpu,
-            log_level=log_level,
-            log_main_process_only=log_main_process_only,
-            profile=profile,
-            disable_tqdm=disable_tqdm,
-            output_dir=output_dir,
-            disable_model_save=disable_model_save,
-        )
+        if strategy in KRONFLUENCE_STRATEGIES and not tracked_module_names(model):
+            raise untracked_error(model, f"Strategy {strategy!r}")
+        with untracked_model_allowed(model) as untracked:
+            super().__init__(
+                analysis_name=analysis_name,
+                model=model,
+                task=task,
+                cpu=cpu,
+                log_level=log_level,
+                log_main_process_only=log_main_process_only,
+                profile=profile,
+                disable_tqdm=disable_tqdm,
+                output_dir=output_dir,
+                disable_model_save=disable_model_save,
+            )
         if log_level is not None:
             logger.setLevel(log_level)
         self.strategy = strategy
         self.bif_args = bif_args if bif_args is not None else BIFArguments()
+        self.untracked = untracked  # nothing kronfluence can track: only strategy "bif" can run
+        self._override_logged = False
+
+    def _require_tracked(self, what: str) -> None:
+        """kronfluence's strategies need tracked modules: its own error, plus the sentence that "bif" works."""
+        if self.untracked:
+            raise untracked_error(self.model, what)
 
     # ------------------------------------------------------------------ strategy resolution
     def _resolve_factor_args(self, factor_args: Optional[FactorArguments]) -> Optional[FactorArguments]:
-        if factor_args is None and self.strategy is not None:
-            factor_args = FactorArguments(strategy=self.strategy)
+        """The Analyzer's `strategy`, when given, wins over the one inside `factor_args`.
+
+        kronfluence's scripts pass an explicit `FactorArguments` (whose default strategy "ekfac" cannot be told
+        apart from a chosen one), so `Analyzer(..., strategy="bif")` must be the one flag that switches them.
+        """
         if factor_args is not None:
             check_strategy(factor_args.strategy, "FactorArguments.strategy")
+        if self.strategy is None:
+            return factor_args
+        if factor_args is None:
+            return FactorArguments(strategy=self.strategy)
+        if factor_args.strategy != self.strategy:
+            if not self._override_logged:
+                logger.info(
+                    "Analyzer(strategy=%r) overrides FactorArguments(strategy=%r); the other factor arguments are "
+                    "kept.",
+                    self.strategy,
+                    factor_args.strategy,
+                )
+                self._override_logged = True
+            factor_args = dataclasses.replace(factor_args, strategy=self.strategy)
         return factor_args
 
     def load_bif_args(self, name: str, scores: bool = False) -> Optional[BIFArguments]:
@@ -115,6 +144,7 @@ class Analyzer(KronfluenceAnalyzer):
         factor_args = self._resolve_factor_args(factor_args)
         if factor_args is not None and factor_args.strategy == "bif":
             return self._fit_bif(factors_name, factor_args, bif_args, overwrite_output_dir)
+        self._require_tracked(_strategy_label(factor_args))
         return super().fit_all_factors(
             factors_name=factors_name,
             dataset=dataset,
@@ -131,6 +161,7 @@ class Analyzer(KronfluenceAnalyzer):
         factor_args = self._resolve_factor_args(kwargs.pop("factor_args", None))
         if factor_args is not None and factor_args.strategy == "bif":
             return self._fit_bif(factors_name, factor_args, bif_args, kwargs.get("overwrite_output_dir", False))
+        self._require_tracked(_strategy_label(factor_args))
         return kronfluence_method(factors_name, *args, factor_args=factor_args, **kwargs)
 
     def fit_covariance_matrices(self, factors_name: str, dataset: data.Dataset, *args: Any, **kwargs: Any) -> None:
@@ -162,8 +193,13 @@ class Analyzer(KronfluenceAnalyzer):
             )
         return factor_args, bif_args
 
-    def _scorer(self) -> BIFScorer:
-        return BIFScorer(self.model, self.task, self.output_dir, self.disable_tqdm)
+    def _score_bif(self, request: ScoreRequest, bif) -> Optional[Dict[str, Any]]:
+        """The BIF sampling phase, profiled as kronfluence profiles its phases (`Analyzer(profile=True)`)."""
+        scorer = BIFScorer(self.model, self.task, self.output_dir, self.disable_tqdm, self.profiler)
+        result = scorer.run(request, *bif)
+        if result is None:
+            self._log_profile_summary(name=f"scores_{request.scores_name}_{request.kind}")
+        return result
 
     def compute_pairwise_scores(
         self,
@@ -184,6 +220,7 @@ class Analyzer(KronfluenceAnalyzer):
     ):
         bif = self._bif_factors(factors_name)
         if bif is None:
+            self._require_tracked(_strategy_label(self.load_factor_args(factors_name)))
             return super().compute_pairwise_scores(
                 scores_name=scores_name,
                 factors_name=factors_name,
@@ -217,7 +254,7 @@ class Analyzer(KronfluenceAnalyzer):
             target_module_partitions=target_module_partitions,
             overwrite_output_dir=overwrite_output_dir,
         )
-        return self._scorer().run(request, *bif)
+        return self._score_bif(request, bif)
 
     def compute_self_scores(
         self,
@@ -235,6 +272,7 @@ class Analyzer(KronfluenceAnalyzer):
     ):
         bif = self._bif_factors(factors_name)
         if bif is None:
+            self._require_tracked(_strategy_label(self.load_factor_args(factors_name)))
             return super().compute_self_scores(
                 scores_name=scores_name,
                 factors_name=factors_name,
@@ -265,7 +303,11 @@ class Analyzer(KronfluenceAnalyzer):
             target_module_partitions=target_module_partitions,
             overwrite_output_dir=overwrite_output_dir,
         )
-        return self._scorer().run(request, *bif)
+        return self._score_bif(request, bif)
+
+
+def _strategy_label(factor_args: Optional[FactorArguments]) -> str:
+    return f"Strategy {factor_args.strategy if factor_args is not None else FactorArguments().strategy!r}"
 
 
 __all__ = ["Analyzer", "STRATEGIES", "logging"]

@@ -121,6 +121,26 @@ def summarize(
     return {"chains": chains, "rhat_mean_train_loss": rhat, "sharpness": sharp, "warnings": warnings}
 
 
+def merge_module_reports(reports: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
+    """One report for a per-module run (one set of chains per module): chains and warnings say their module,
+    R-hat and sharpness are the worst module's."""
+    chains = [{"module": name, **chain} for name, report in reports.items() for chain in report["chains"]]
+    warnings = [
+        {**w, "module": name, "message": f"module `{name}`: {w['message']}"}
+        for name, report in reports.items()
+        for w in report["warnings"]
+    ]
+    rhats = [r["rhat_mean_train_loss"] for r in reports.values() if math.isfinite(r["rhat_mean_train_loss"])]
+    sharp = [r["sharpness"] for r in reports.values() if r["sharpness"] is not None]
+    return {
+        "chains": chains,
+        "rhat_mean_train_loss": max(rhats) if rhats else float("nan"),
+        "sharpness": max(sharp, key=lambda s: s["step_size_times_lambda_max"]) if sharp else None,
+        "warnings": warnings,
+        "modules": list(reports),
+    }
+
+
 def _chain_warnings(
     chain: int, loss: np.ndarray, start: float, loss_scale: float, ess: float, args: BIFArguments
 ) -> List[Dict]:

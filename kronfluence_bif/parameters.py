@@ -53,6 +53,33 @@ def select_parameters(
     return params
 
 
+def module_units(
+    model: nn.Module,
+    module_names: Optional[Sequence[str]],
+    tracked_names: Sequence[str],
+    patterns: Optional[Sequence[str]] = None,
+) -> List[Tuple[str, List[Tuple[str, nn.Parameter]]]]:
+    """The modules of per-module BIF scores, each with the sampled parameters it holds (the paper's App. B.1
+    weight-restricted posterior samples one unit at a time).
+
+    Units are the Task's tracked modules, else kronfluence's `TrackedModule`s (`tracked_names`, its per-module score
+    keys), else every module that owns sampled parameters directly; a parameter of the root module itself is a
+    unit of its own, named after it. Only parameters `select_parameters` samples are counted.
+    """
+    sampled = select_parameters(model, module_names, patterns)
+    units = []
+    for name in list(module_names or tracked_names):
+        held = [(n, p) for n, p in sampled if n.startswith(f"{name}.")]
+        if held:
+            units.append((name, held))
+    if units:
+        return units
+    owners: Dict[str, List[Tuple[str, nn.Parameter]]] = {}
+    for n, p in sampled:
+        owners.setdefault(n.rpartition(".")[0] or n, []).append((n, p))
+    return list(owners.items())
+
+
 class SampledWeights:
     """Context manager: fp32 masters of the sampled weights; on exit the model is bitwise w* again.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
@@ -12,6 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 from kronfluence.arguments import FactorArguments, ScoreArguments
+from kronfluence.module.utils import make_modules_partition
 from torch import nn
 from torch.utils import data
 
@@ -20,12 +22,13 @@ from kronfluence_bif.arguments import RUN_CONTROL_FIELDS, BIFArguments
 from kronfluence_bif.checkpoints import CheckpointStore, fingerprint, remove_checkpoints
 from kronfluence_bif.compare import jsonable
 from kronfluence_bif.data import DatasetOnDevice, MinibatchStream
-from kronfluence_bif.diagnostics import summarize
+from kronfluence_bif.diagnostics import merge_module_reports, summarize
 from kronfluence_bif.distributed import ProcessState, process_state, unwrap_model
 from kronfluence_bif.engine import SamplingEngine, SamplingResult, Side, reduced_dim
 from kronfluence_bif.logs import logger, warn_once
 from kronfluence_bif.loss_views import LossViews
-from kronfluence_bif.parameters import SampledWeights, select_parameters
+from kronfluence_bif.parameters import SampledWeights, module_units, select_parameters
+from kronfluence_bif.tracking import tracked_module_names
 
 # ScoreArguments fields that have no meaning for BIF (no gradients, no preconditioner): warned once when set.
 IGNORED_SCORE_FIELDS = {
@@ -75,19 +78,6 @@ def as_dtype(value: Any) -> Optional[torch.dtype]:
 # ---------------------------------------------------------------------------------------------- validation
 def validate_request(req: ScoreRequest) -> None:
     """Raise before anything is written: every message names the argument and the fix."""
-    args = req.score_args
-    if args.compute_per_module_scores:
-        raise ValueError(
-            "`ScoreArguments.compute_per_module_scores=True` is not available with strategy 'bif': the posterior "
-            "covariance does not split into per-module terms. Set it to False (scores go to `all_modules`), or "
-            "restrict sampling to some modules with the Task's `get_influence_tracked_modules()`."
-        )
-    if args.module_partitions != 1 or req.target_module_partitions not in (None, 0, [0], (0,)):
-        raise ValueError(
-            "`ScoreArguments.module_partitions` must be 1 (and `target_module_partitions` None) with strategy "
-            f"'bif', got module_partitions={args.module_partitions}: BIF has no per-module work to split. "
-            "Use `data_partitions` to split the work."
-        )
     for name, dataset in (("train_dataset", req.train_dataset), ("query_dataset", req.query_dataset)):
         if dataset is None and name == "query_dataset" and req.kind == "self":
             continue
@@ -103,12 +93,19 @@ def validate_request(req: ScoreRequest) -> None:
         _check_batch_size("per_device_query_batch_size", req.per_device_query_batch_size, optional=False)
         _check_indices("query_indices", req.query_indices, len(req.query_dataset))
     _check_indices("train_indices", req.train_indices, len(req.train_dataset))
-    if args.data_partitions < 1:
-        raise ValueError(f"`ScoreArguments.data_partitions` must be >= 1, got {args.data_partitions}.")
-    if args.data_partitions == 1 and req.target_data_partitions is not None:
+    _check_partitions(req)
+
+
+def _check_partitions(req: ScoreRequest) -> None:
+    args = req.score_args
+    for name in ("data_partitions", "module_partitions"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"`ScoreArguments.{name}` must be >= 1, got {getattr(args, name)}.")
+    unpartitioned = args.data_partitions == 1 and args.module_partitions == 1
+    if unpartitioned and (req.target_data_partitions is not None or req.target_module_partitions is not None):
         raise ValueError(
-            "`target_data_partitions` was given, but `ScoreArguments.data_partitions` is 1. "
-            "Set `data_partitions` > 1 or leave `target_data_partitions` as None."
+            "`target_data_partitions` or `target_module_partitions` were given, but `ScoreArguments` has "
+            "`data_partitions` = `module_partitions` = 1. Set the partition counts > 1 or leave the targets as None."
         )
     n_scored = len(req.train_indices) if req.train_indices is not None else len(req.train_dataset)
     if args.data_partitions > n_scored:
@@ -116,11 +113,12 @@ def validate_request(req: ScoreRequest) -> None:
             f"Data partition size ({args.data_partitions}) exceeds the number of scored training examples "
             f"({n_scored}). Reduce `ScoreArguments.data_partitions`."
         )
-    for p in _targets(req.target_data_partitions, args.data_partitions):
-        if not 0 <= p < args.data_partitions:
-            raise ValueError(
-                f"Invalid data partition {p} in `target_data_partitions`: must be in [0, {args.data_partitions})."
-            )
+    for name, count in (("data", args.data_partitions), ("module", args.module_partitions)):
+        for p in _targets(getattr(req, f"target_{name}_partitions"), count):
+            if not 0 <= p < count:
+                raise ValueError(
+                    f"Invalid {name} partition {p} in `target_{name}_partitions`: must be in [0, {count})."
+                )
 
 
 def _check_batch_size(name: str, value: Any, optional: bool) -> None:
@@ -177,15 +175,88 @@ def apply_kronfluence_overrides(req: ScoreRequest) -> ScoreArguments:
     return args
 
 
+# ---------------------------------------------------------------------------------------------- partitions
+@dataclass
+class PartitionPlan:
+    """kronfluence's partitions for one request: data partitions of the scored rows, module partitions of units.
+
+    Per-module scores (and module partitions) use the paper's weight-restricted posterior (App. B.1): each
+    unit's score samples only that unit's weights, so per-module scores do not add up to the all-modules score.
+    """
+
+    rows: List[int]  # dataset indices of the scored training examples
+    bounds: List[Tuple[int, int]]  # data partition p scores rows[bounds[p][0]:bounds[p][1]]
+    data_targets: List[int]
+    groups: List[List[str]]  # module partition j: its unit names ([[]]: no module split, every sampled weight)
+    module_targets: List[int]
+    per_module: bool
+    units: Dict[str, List[Tuple[str, nn.Parameter]]]
+
+    @classmethod
+    def build(cls, req: ScoreRequest, args: ScoreArguments, model: nn.Module, task: Any, bif_args: BIFArguments):
+        rows = list(range(len(req.train_dataset))) if req.train_indices is None else [int(i) for i in req.train_indices]
+        bounds = [(int(c[0]), int(c[-1]) + 1) for c in np.array_split(np.arange(len(rows)), args.data_partitions)]
+        units: Dict[str, List[Tuple[str, nn.Parameter]]] = {}
+        groups: List[List[str]] = [[]]
+        if args.compute_per_module_scores or args.module_partitions > 1:
+            names = task.get_influence_tracked_modules()
+            units = dict(module_units(model, names, tracked_module_names(model), bif_args.sampled_modules))
+            if len(units) < args.module_partitions:
+                raise ValueError(
+                    f"Module partition size ({args.module_partitions}) exceeds total tracked modules ({len(units)}). "
+                    "Please reduce the module partition size."
+                )
+            groups = make_modules_partition(list(units), args.module_partitions)
+        return cls(
+            rows=rows,
+            bounds=bounds,
+            data_targets=_targets(req.target_data_partitions, args.data_partitions),
+            groups=groups,
+            module_targets=_targets(req.target_module_partitions, args.module_partitions),
+            per_module=bool(args.compute_per_module_scores),
+            units=units,
+        )
+
+    @property
+    def partitioned(self) -> bool:
+        return len(self.bounds) > 1 or len(self.groups) > 1
+
+    def score_keys(self, module_partition: int) -> List[Tuple[str, Optional[List[Tuple[str, nn.Parameter]]]]]:
+        """(score key, the weights its chains sample; None: the default selection) for one module partition."""
+        group = self.groups[module_partition]
+        if self.per_module:
+            return [(name, self.units[name]) for name in group]
+        if not group:
+            return [(storage.ALL_MODULES, None)]
+        seen, params = set(), []
+        for name in group:
+            for n, p in self.units[name]:
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    params.append((n, p))
+        return [(storage.ALL_MODULES, params)]
+
+    def columns(self, data_partitions: List[int]) -> List[int]:
+        return [self.rows[i] for p in data_partitions for i in range(*self.bounds[p])]
+
+    def tag(self, kind: str, data_partitions: List[int], module_partition: int, key: str) -> str:
+        """Checkpoint tag of one sampling run (unchanged for unpartitioned all-modules runs)."""
+        tag = f"{kind}_" + ("partitions" + "-".join(map(str, data_partitions)) if self.partitioned else "all")
+        if len(self.groups) > 1:
+            tag += f"_modules{module_partition}"
+        return tag if key == storage.ALL_MODULES else f"{tag}_{key}"
+
+
 # ---------------------------------------------------------------------------------------------- the computation
 class BIFScorer:
     """Computes and writes BIF scores for one request; owned by the Analyzer."""
 
-    def __init__(self, model: nn.Module, task: Any, analysis_dir: Path, disable_tqdm: bool) -> None:
+    def __init__(self, model: nn.Module, task: Any, analysis_dir: Path, disable_tqdm: bool, profiler=None) -> None:
         self.model = unwrap_model(model)
         self.task = task
         self.analysis_dir = analysis_dir
         self.disable_tqdm = disable_tqdm
+        self.profiler = profiler
 
     def run(
         self, req: ScoreRequest, factor_args: FactorArguments, bif_args: BIFArguments
@@ -197,48 +268,78 @@ class BIFScorer:
             return storage.load_tensors(final)
         validate_request(req)
         state = process_state(self.model)
-        state.on_main(self._prepare_folder, out, req, factor_args, bif_args)
         args = apply_kronfluence_overrides(req)
-
-        scored = (
-            list(range(len(req.train_dataset))) if req.train_indices is None else [int(i) for i in req.train_indices]
-        )
-        partitioned = args.data_partitions > 1
-        bounds = [(int(c[0]), int(c[-1]) + 1) for c in np.array_split(np.arange(len(scored)), args.data_partitions)]
-        targets = _targets(req.target_data_partitions, args.data_partitions)
-        if partitioned:
-            todo = [
-                p for p in targets if req.overwrite_output_dir or not storage.score_file(out, req.kind, (p, 0)).exists()
-            ]
-            for p in sorted(set(targets) - set(todo)):
-                logger.info("Found existing %s scores for data partition %d at `%s`. Skipping.", req.kind, p, out)
-        else:
-            todo = [0]
+        plan = PartitionPlan.build(req, args, self.model, self.task, bif_args)
+        state.on_main(self._prepare_folder, out, req, factor_args, bif_args)
+        todo = self._todo(out, req, plan)
         state.barrier()  # nobody writes a partition before everyone has decided what to compute
-
-        if todo:
-            start = time.time()
-            columns = [i for p in todo for i in range(*bounds[p])]
-            tag = f"{req.kind}_" + ("partitions" + "-".join(map(str, todo)) if partitioned else "all")
-            result = self._sample(req, args, bif_args, [scored[i] for i in columns], todo, bounds, state, out, tag)
-            logger.info("Sampled BIF %s scores in %.2f seconds.", req.kind, time.time() - start)
-
-            def finish() -> None:  # only the writer forms the score matrix
-                if result.scores is None:
-                    scores = result.moments.correlation() if bif_args.normalize else result.moments.covariance()
-                else:
-                    scores = result.scores
-                scores, result.token_scores = split_token_scores(scores, *result.widths)
-                self._write_results(out, req.kind, args, bif_args, scores, todo, bounds, partitioned, result)
-
-            state.on_main(finish)
-            if not bif_args.keep_checkpoints:
-                state.on_main(remove_checkpoints, out, tag)
-        if partitioned:
+        for module_partition, data_partitions in todo.items():
+            if data_partitions:
+                self._score(req, args, bif_args, plan, data_partitions, module_partition, state, out)
+        if plan.partitioned:
             aggregated = state.on_main(lambda: aggregate_partitions(out, req.kind, args, bif_args) is not None)
             if not aggregated:
                 logger.info("Scores are not aggregated as scores for some partitions are not yet computed.")
         return None
+
+    @staticmethod
+    def _todo(out: Path, req: ScoreRequest, plan: PartitionPlan) -> Dict[int, List[int]]:
+        """Data partitions to compute, per module partition: kronfluence skips partition files that exist."""
+        if not plan.partitioned:
+            return {0: [0]}
+        todo: Dict[int, List[int]] = {}
+        for j in plan.module_targets:
+            todo[j] = []
+            for p in plan.data_targets:
+                if req.overwrite_output_dir or not storage.score_file(out, req.kind, (p, j)).exists():
+                    todo[j].append(p)
+                else:
+                    logger.info(
+                        "Found existing %s scores for data partition %d and module partition %d at `%s`. Skipping.",
+                        req.kind,
+                        p,
+                        j,
+                        out,
+                    )
+        return todo
+
+    def _score(self, req, args, bif_args, plan: PartitionPlan, data_partitions, module_partition, state, out) -> None:
+        """Sample every score key of one module partition (one set of chains per key), then write its files."""
+        start = time.time()
+        columns = plan.columns(data_partitions)
+        scores: Dict[str, Tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
+        results: Dict[str, SamplingResult] = {}
+        tags = []
+        for key, params in plan.score_keys(module_partition):
+            tags.append(plan.tag(req.kind, data_partitions, module_partition, key))
+            with self._profile(f"Sample BIF {req.kind.capitalize()} Scores"):
+                result = self._sample(
+                    req, args, bif_args, columns, data_partitions, plan.bounds, state, out, tags[-1], params
+                )
+            # only the writer forms the score matrix; the moments are dropped once it has
+            state.on_main(lambda r=result, k=key: scores.__setitem__(k, _score_matrix(r, bif_args)))
+            result.moments = None
+            results[key] = result
+        logger.info("Sampled BIF %s scores in %.2f seconds.", req.kind, time.time() - start)
+        with self._profile(f"Save BIF {req.kind.capitalize()} Scores"):
+            state.on_main(
+                self._write_results,
+                out,
+                req.kind,
+                args,
+                bif_args,
+                scores,
+                data_partitions,
+                module_partition,
+                plan,
+                results,
+            )
+        if not bif_args.keep_checkpoints:
+            for tag in tags:
+                state.on_main(remove_checkpoints, out, tag)
+
+    def _profile(self, name: str):
+        return contextlib.nullcontext() if self.profiler is None else self.profiler.profile(name)
 
     def _prepare_folder(
         self, out: Path, req: ScoreRequest, factor_args: FactorArguments, bif_args: BIFArguments
@@ -250,11 +351,11 @@ class BIFScorer:
             remove_checkpoints(out)
         storage.remove_temporaries(out)
 
-    def _write_results(self, out, kind, args, bif_args, scores, todo, bounds, partitioned, result) -> None:
+    def _write_results(self, out, kind, args, bif_args, scores, todo, module_partition, plan, results) -> None:
         """Diagnostics first, scores last: an existing score file always means a complete run."""
-        self._write_diagnostics(out, result, bif_args)
-        self._write_token_scores(out, args, bif_args, result, partitioned)
-        self._write(out, kind, args, bif_args, scores, todo, bounds, partitioned)
+        self._write_diagnostics(out, results, bif_args)
+        self._write_token_scores(out, args, bif_args, scores, plan.partitioned)
+        self._write(out, kind, args, bif_args, {k: v[0] for k, v in scores.items()}, todo, module_partition, plan)
 
     # ------------------------------------------------------------------ arguments and metadata
     def _record_arguments(
@@ -289,7 +390,9 @@ class BIFScorer:
         state: ProcessState,
         out: Path,
         tag: str,
+        params: Optional[List[Tuple[str, nn.Parameter]]] = None,
     ) -> SamplingResult:
+        """One set of chains over `params` (None: the Task's tracked modules, else every parameter)."""
         device = next(self.model.parameters()).device
         views = LossViews(self.task)
         n_train = len(req.train_dataset)
@@ -320,7 +423,8 @@ class BIFScorer:
                 y.reduce = lambda v, side=y: v.reshape(v.shape[0], -1, side.width).sum(1)
         elif args.use_measurement_for_self_influence:
             y = Side(train_data.batches(train_rows, eval_bs), views.measurement)
-        params = select_parameters(self.model, self.task.get_influence_tracked_modules(), bif_args.sampled_modules)
+        if params is None:
+            params = select_parameters(self.model, self.task.get_influence_tracked_modules(), bif_args.sampled_modules)
         logger.info(
             "Sampling %d parameter tensors (%d weights) with %s: %d chains x %d draws on %d process(es).",
             len(params),
@@ -390,54 +494,50 @@ class BIFScorer:
             return merged
 
     # ------------------------------------------------------------------ writing
-    def _write(
-        self,
-        out: Path,
-        kind: str,
-        args: ScoreArguments,
-        bif_args: BIFArguments,
-        scores: torch.Tensor,
-        todo: List[int],
-        bounds: List[Tuple[int, int]],
-        partitioned: bool,
-    ) -> None:
+    def _write(self, out, kind, args, bif_args, scores: Dict[str, torch.Tensor], todo, module_partition, plan) -> None:
+        """kronfluence's score files: one per (data, module) partition, or the single unpartitioned file."""
         dtype = as_dtype(args.score_dtype)
         metadata = header_metadata(args, bif_args)
-        if not partitioned:
-            storage.save_tensors(storage.score_file(out, kind), {storage.ALL_MODULES: scores.to(dtype)}, metadata)
+        if not plan.partitioned:
+            storage.save_tensors(storage.score_file(out, kind), {k: v.to(dtype) for k, v in scores.items()}, metadata)
             logger.info("Saved %s scores at `%s`.", kind, out)
             return
+        dim = 1 if kind == "pairwise" else 0  # the train axis ([q, n], [q, n, T] or [n])
         offset = 0
         for j, p in enumerate(todo):
-            width = bounds[p][1] - bounds[p][0]
-            dim = 1 if kind == "pairwise" else 0  # the train axis ([q, n], [q, n, T] or [n])
-            if args.aggregate_train_gradients:
-                part = scores.narrow(dim, j, 1)
-            else:
-                part = scores.narrow(dim, offset, width)
+            width = plan.bounds[p][1] - plan.bounds[p][0]
+            start, size = (j, 1) if args.aggregate_train_gradients else (offset, width)
             offset += width
-            storage.save_tensors(
-                storage.score_file(out, kind, (p, 0)), {storage.ALL_MODULES: part.contiguous().to(dtype)}, metadata
+            part = {k: v.narrow(dim, start, size).contiguous().to(dtype) for k, v in scores.items()}
+            storage.save_tensors(storage.score_file(out, kind, (p, module_partition)), part, metadata)
+            logger.info(
+                "Saved %s scores of data partition %d and module partition %d at `%s`.", kind, p, module_partition, out
             )
-            logger.info("Saved %s scores of data partition %d at `%s`.", kind, p, out)
 
     @staticmethod
-    def _write_token_scores(out: Path, args: ScoreArguments, bif_args: BIFArguments, result, partitioned: bool):
-        if result.token_scores is None:
+    def _write_token_scores(out: Path, args: ScoreArguments, bif_args: BIFArguments, scores, partitioned: bool):
+        token = {k: v[1] for k, v in scores.items() if v[1] is not None}
+        if not token:
             return
-        if partitioned:
-            logger.info("Token-by-token scores are written for unpartitioned runs only; skipped.")
+        if partitioned or list(token) != [storage.ALL_MODULES]:
+            logger.info("Token-by-token scores are written for unpartitioned all-modules runs only; skipped.")
             return
-        tensors = {storage.ALL_MODULES: result.token_scores.contiguous().to(as_dtype(args.score_dtype))}
+        tensors = {storage.ALL_MODULES: token[storage.ALL_MODULES].contiguous().to(as_dtype(args.score_dtype))}
         storage.save_tensors(out / storage.BIF_TOKEN_SCORES_FILE, tensors, header_metadata(args, bif_args))
-        logger.info("Saved token-by-token scores %s at `%s`.", tuple(result.token_scores.shape), out)
+        logger.info("Saved token-by-token scores %s at `%s`.", tuple(tensors[storage.ALL_MODULES].shape), out)
 
     @staticmethod
-    def _write_diagnostics(out: Path, result: SamplingResult, bif_args: BIFArguments) -> None:
-        report = summarize(result.traces, result.chain_summaries, bif_args, result.sharpness)
+    def _write_diagnostics(out: Path, results: Dict[str, SamplingResult], bif_args: BIFArguments) -> None:
+        """Per-run diagnostics; per-module runs (one set of chains per module) tag chains, traces and warnings."""
+        reports = {k: summarize(r.traces, r.chain_summaries, bif_args, r.sharpness) for k, r in results.items()}
+        if list(results) == [storage.ALL_MODULES]:
+            report, traces = reports[storage.ALL_MODULES], results[storage.ALL_MODULES].traces
+        else:
+            report = merge_module_reports(reports)
+            traces = {f"{k}/{name}": t for k, r in results.items() for name, t in r.traces.items()}
         for warning in report["warnings"]:
             logger.warning("BIF sampler diagnostics (%s): %s", warning["code"], warning["message"])
-        storage.save_tensors(out / storage.BIF_TRACES_FILE, result.traces)
+        storage.save_tensors(out / storage.BIF_TRACES_FILE, traces)
         # NaN (e.g. the R-hat of flat chains) becomes null: the file stays strict JSON
         storage.save_json(jsonable(report), out / storage.BIF_DIAGNOSTICS_FILE)
 
@@ -447,6 +547,15 @@ def header_metadata(args: ScoreArguments, bif_args: BIFArguments) -> Dict[str, s
     metadata = args.to_str_dict()
     metadata[storage.BIF_HEADER_KEY] = json.dumps(bif_args.to_dict())
     return metadata
+
+
+def _score_matrix(result: SamplingResult, bif_args: BIFArguments) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """kronfluence's scores and the token-by-token matrix (or None) of one sampling run."""
+    if result.scores is None:
+        scores = result.moments.correlation() if bif_args.normalize else result.moments.covariance()
+    else:
+        scores = result.scores
+    return split_token_scores(scores, *result.widths)
 
 
 def column_blocks(x: Side, y: Optional[Side], rows: List[int], budget_gb: float) -> List[List[int]]:
@@ -481,16 +590,27 @@ def _segment_sum(widths: List[int]):
 def aggregate_partitions(
     out: Path, kind: str, args: ScoreArguments, bif_args: BIFArguments
 ) -> Optional[Dict[str, torch.Tensor]]:
-    """kronfluence's aggregation (concatenate data partitions; add them for aggregated train gradients)."""
-    files = [storage.score_file(out, kind, (p, 0)) for p in range(args.data_partitions)]
-    if not all(f.exists() for f in files):
+    """kronfluence's aggregation: add each key over module partitions, then concatenate data partitions (or add
+    them, for aggregated train gradients)."""
+    files = [
+        [storage.score_file(out, kind, (p, j)) for j in range(args.module_partitions)]
+        for p in range(args.data_partitions)
+    ]
+    if not all(f.exists() for row in files for f in row):
         return None
-    parts = [storage.load_tensors(f)[storage.ALL_MODULES] for f in files]
-    if args.aggregate_train_gradients:
-        merged = torch.stack(parts).sum(0)
-    else:
-        merged = torch.cat(parts, dim=1 if kind == "pairwise" else 0)
-    result = {storage.ALL_MODULES: merged}
-    storage.save_tensors(storage.score_file(out, kind), result, header_metadata(args, bif_args))
+    merged: Dict[str, torch.Tensor] = {}
+    for row in files:
+        part: Dict[str, torch.Tensor] = {}
+        for f in row:
+            for key, value in storage.load_tensors(f).items():
+                part[key] = part[key] + value if key in part else value
+        for key, value in part.items():
+            if key not in merged:
+                merged[key] = value
+            elif args.aggregate_train_gradients:
+                merged[key] = merged[key] + value
+            else:
+                merged[key] = torch.cat((merged[key], value), dim=1 if kind == "pairwise" else 0)
+    storage.save_tensors(storage.score_file(out, kind), merged, header_metadata(args, bif_args))
     logger.info("Saved aggregated %s scores at `%s`.", kind, out)
-    return result
+    return merged

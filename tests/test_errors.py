@@ -113,10 +113,17 @@ def test_empty_datasets(bif_analyzer, tmp_path):
         (dict(per_device_query_batch_size=4, query_indices=[0, 99]), "query_indices.*outside"),
         (dict(per_device_query_batch_size=4, train_indices=[]), "train_indices` is empty"),
         (
-            dict(per_device_query_batch_size=4, score_args=ScoreArguments(compute_per_module_scores=True)),
-            "compute_per_module_scores",
+            dict(per_device_query_batch_size=4, score_args=ScoreArguments(module_partitions=4)),  # 3 Linear modules
+            "Module partition size \\(4\\) exceeds total tracked modules \\(3\\)",
         ),
-        (dict(per_device_query_batch_size=4, score_args=ScoreArguments(module_partitions=2)), "module_partitions"),
+        (
+            dict(
+                per_device_query_batch_size=4,
+                score_args=ScoreArguments(module_partitions=3),
+                target_module_partitions=[3],
+            ),
+            "Invalid module partition 3",
+        ),
         (dict(per_device_query_batch_size=4, target_data_partitions=[0]), "target_data_partitions"),
         (
             dict(
