@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from conftest import PlainRegressionTask, fit, make_mlp, make_regression
 from kronfluence.analyzer import Analyzer as KronfluenceAnalyzer
 
 from kronfluence_bif import Analyzer, BIFArguments, ScoreArguments, prepare_model
+from kronfluence_bif.cli import format_diagnostics
 
 SHORT = BIFArguments(sampler="sgld", num_chains=2, num_draws=16, num_burnin_steps=8, step_size=1e-4, nbeta=100.0)
 MODULES = ["0", "2", "4"]  # kronfluence's tracked Linear layers of make_mlp, its per-module score keys
@@ -47,6 +49,13 @@ def test_per_module_scores_are_each_modules_restricted_posterior(setting):
     assert not torch.allclose(sum(scores.values()), every, rtol=0.05)  # they do not add up (documented)
     stock = KronfluenceAnalyzer("pm", analyzer.model, analyzer.task, output_dir=str(tmp_path), cpu=True)
     assert list(stock.load_pairwise_scores("pm")) == MODULES  # kronfluence reads the per-module keys
+    report = json.loads((analyzer.output_dir / "scores_pm" / "bif_diagnostics.json").read_text())
+    assert report["modules"] == MODULES and [c["module"] for c in report["chains"]] == [
+        m for m in MODULES for _ in "ab"
+    ]
+    traces = KronfluenceAnalyzer.load_file(analyzer.output_dir / "scores_pm" / "bif_traces.safetensors")
+    assert {"0/mean_train_loss", "4/distance_from_w_star"} <= set(traces)
+    assert "module" in format_diagnostics(analyzer.output_dir / "scores_pm")
     self_scores = analyzer.compute_self_scores(
         "spm", "bif", train_dataset=train, score_args=ScoreArguments(compute_per_module_scores=True)
     )
