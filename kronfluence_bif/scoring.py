@@ -180,14 +180,18 @@ def apply_kronfluence_overrides(req: ScoreRequest) -> ScoreArguments:
 class PartitionPlan:
     """kronfluence's partitions for one request: data partitions of the scored rows, module partitions of units.
 
-    Per-module scores (and module partitions) use the paper's weight-restricted posterior (App. B.1): each
-    unit's score samples only that unit's weights, so per-module scores do not add up to the all-modules score.
+    Per-module scores use the paper's weight-restricted posterior (App. B.1): each module's score samples only
+    that module's weights, so per-module scores do not add up to the all-modules score, and module partitions
+    split the modules over jobs as kronfluence does. An all-modules BIF score does not split over modules, so with
+    module partitions each (data, module) job scores a 1/module_partitions share of its data partition's examples
+    and writes zeros for the rest: kronfluence's aggregation adds module partitions, so it gives the unpartitioned
+    scores exactly.
     """
 
     rows: List[int]  # dataset indices of the scored training examples
     bounds: List[Tuple[int, int]]  # data partition p scores rows[bounds[p][0]:bounds[p][1]]
     data_targets: List[int]
-    groups: List[List[str]]  # module partition j: its unit names ([[]]: no module split, every sampled weight)
+    groups: List[List[str]]  # module partition j: its unit names ([[]]: no module partitions)
     module_targets: List[int]
     per_module: bool
     units: Dict[str, List[Tuple[str, nn.Parameter]]]
@@ -207,6 +211,13 @@ class PartitionPlan:
                     "Please reduce the module partition size."
                 )
             groups = make_modules_partition(list(units), args.module_partitions)
+        smallest = min(hi - lo for lo, hi in bounds)
+        if not args.compute_per_module_scores and smallest < args.module_partitions:
+            raise ValueError(
+                f"`ScoreArguments.module_partitions={args.module_partitions}` with all-modules BIF scores splits each "
+                f"data partition's training examples over the module partitions, but a data partition holds only "
+                f"{smallest}. Lower `module_partitions` or `data_partitions`."
+            )
         return cls(
             rows=rows,
             bounds=bounds,
@@ -221,23 +232,28 @@ class PartitionPlan:
     def partitioned(self) -> bool:
         return len(self.bounds) > 1 or len(self.groups) > 1
 
+    @property
+    def splits_columns(self) -> bool:
+        """All-modules scores with module partitions: module partition j scores a share of each data partition."""
+        return not self.per_module and len(self.groups) > 1
+
     def score_keys(self, module_partition: int) -> List[Tuple[str, Optional[List[Tuple[str, nn.Parameter]]]]]:
         """(score key, the weights its chains sample; None: the default selection) for one module partition."""
-        group = self.groups[module_partition]
         if self.per_module:
-            return [(name, self.units[name]) for name in group]
-        if not group:
-            return [(storage.ALL_MODULES, None)]
-        seen, params = set(), []
-        for name in group:
-            for n, p in self.units[name]:
-                if id(p) not in seen:
-                    seen.add(id(p))
-                    params.append((n, p))
-        return [(storage.ALL_MODULES, params)]
+            return [(name, self.units[name]) for name in self.groups[module_partition]]
+        return [(storage.ALL_MODULES, None)]
 
-    def columns(self, data_partitions: List[int]) -> List[int]:
-        return [self.rows[i] for p in data_partitions for i in range(*self.bounds[p])]
+    def chunk(self, data_partition: int, module_partition: int) -> Tuple[int, int]:
+        """Positions in `rows` that the (data, module) partition job scores."""
+        lo, hi = self.bounds[data_partition]
+        if not self.splits_columns:
+            return lo, hi
+        part = np.array_split(np.arange(lo, hi), len(self.groups))[module_partition]
+        return int(part[0]), int(part[-1]) + 1
+
+    def columns(self, data_partitions: List[int], module_partition: int) -> List[int]:
+        """Dataset indices scored by one job, data partition after data partition."""
+        return [self.rows[i] for p in data_partitions for i in range(*self.chunk(p, module_partition))]
 
     def tag(self, kind: str, data_partitions: List[int], module_partition: int, key: str) -> str:
         """Checkpoint tag of one sampling run (unchanged for unpartitioned all-modules runs)."""
@@ -306,16 +322,15 @@ class BIFScorer:
     def _score(self, req, args, bif_args, plan: PartitionPlan, data_partitions, module_partition, state, out) -> None:
         """Sample every score key of one module partition (one set of chains per key), then write its files."""
         start = time.time()
-        columns = plan.columns(data_partitions)
+        columns = plan.columns(data_partitions, module_partition)
+        widths = [hi - lo for lo, hi in (plan.chunk(p, module_partition) for p in data_partitions)]
         scores: Dict[str, Tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
         results: Dict[str, SamplingResult] = {}
         tags = []
         for key, params in plan.score_keys(module_partition):
             tags.append(plan.tag(req.kind, data_partitions, module_partition, key))
             with self._profile(f"Sample BIF {req.kind.capitalize()} Scores"):
-                result = self._sample(
-                    req, args, bif_args, columns, data_partitions, plan.bounds, state, out, tags[-1], params
-                )
+                result = self._sample(req, args, bif_args, columns, widths, state, out, tags[-1], params)
             # only the writer forms the score matrix; the moments are dropped once it has
             state.on_main(lambda r=result, k=key: scores.__setitem__(k, _score_matrix(r, bif_args)))
             result.moments = None
@@ -385,8 +400,7 @@ class BIFScorer:
         args: ScoreArguments,
         bif_args: BIFArguments,
         train_rows: List[int],
-        todo: List[int],
-        bounds: List[Tuple[int, int]],
+        widths: List[int],
         state: ProcessState,
         out: Path,
         tag: str,
@@ -403,7 +417,7 @@ class BIFScorer:
         stream = MinibatchStream(train_data, bif_args.sampler_batch_size)
         x_reduce = None
         if args.aggregate_train_gradients:
-            x_reduce = _segment_sum([bounds[p][1] - bounds[p][0] for p in todo])
+            x_reduce = _segment_sum(widths)  # one sum per data partition
         per_token = req.kind == "pairwise" and args.compute_per_token_scores
         x_view = views.train_tokens() if per_token else views.train
         x = Side(train_data.batches(train_rows, eval_bs), x_view, x_reduce)
@@ -504,11 +518,17 @@ class BIFScorer:
             return
         dim = 1 if kind == "pairwise" else 0  # the train axis ([q, n], [q, n, T] or [n])
         offset = 0
-        for j, p in enumerate(todo):
-            width = plan.bounds[p][1] - plan.bounds[p][0]
-            start, size = (j, 1) if args.aggregate_train_gradients else (offset, width)
-            offset += width
-            part = {k: v.narrow(dim, start, size).contiguous().to(dtype) for k, v in scores.items()}
+        for k, p in enumerate(todo):
+            lo, hi = plan.chunk(p, module_partition)
+            start, size = (k, 1) if args.aggregate_train_gradients else (offset, hi - lo)
+            offset += hi - lo
+            part = {key: v.narrow(dim, start, size) for key, v in scores.items()}
+            if plan.splits_columns and not args.aggregate_train_gradients:  # zeros where other module jobs score
+                part = {
+                    key: _embed(v, dim, lo - plan.bounds[p][0], plan.bounds[p][1] - plan.bounds[p][0])
+                    for key, v in part.items()
+                }
+            part = {key: v.contiguous().to(dtype) for key, v in part.items()}
             storage.save_tensors(storage.score_file(out, kind, (p, module_partition)), part, metadata)
             logger.info(
                 "Saved %s scores of data partition %d and module partition %d at `%s`.", kind, p, module_partition, out
@@ -547,6 +567,15 @@ def header_metadata(args: ScoreArguments, bif_args: BIFArguments) -> Dict[str, s
     metadata = args.to_str_dict()
     metadata[storage.BIF_HEADER_KEY] = json.dumps(bif_args.to_dict())
     return metadata
+
+
+def _embed(values: torch.Tensor, dim: int, start: int, width: int) -> torch.Tensor:
+    """`values` placed at `start` along `dim` in zeros of size `width` there."""
+    shape = list(values.shape)
+    shape[dim] = width
+    full = torch.zeros(shape, dtype=values.dtype)
+    full.narrow(dim, start, values.shape[dim]).copy_(values)
+    return full
 
 
 def _score_matrix(result: SamplingResult, bif_args: BIFArguments) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:

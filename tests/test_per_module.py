@@ -78,12 +78,22 @@ def test_module_partitions_split_modules_over_jobs_and_aggregate_as_kronfluence(
         assert torch.equal(merged[module], whole[module])
 
 
-def test_module_partitions_of_all_modules_scores_add_the_partitions(setting):
+@pytest.mark.parametrize("aggregate", [False, True])
+def test_module_partitions_of_all_modules_scores_equal_the_unpartitioned_scores(setting, aggregate):
+    # an all-modules posterior does not split over modules: each module job scores a share of the examples instead
     analyzer, train, query, _ = setting
-    scores = pairwise(analyzer, "pm", "bif", train, query, score_args=ScoreArguments(compute_per_module_scores=True))
-    summed = pairwise(analyzer, "mp", "bif", train, query, score_args=ScoreArguments(module_partitions=3))
-    assert list(summed) == ["all_modules"]
-    torch.testing.assert_close(summed["all_modules"], sum(scores.values()), rtol=1e-6, atol=0)
+    whole = pairwise(analyzer, "w", "bif", train, query, score_args=ScoreArguments(aggregate_train_gradients=aggregate))
+    split = ScoreArguments(module_partitions=3, data_partitions=2, aggregate_train_gradients=aggregate)
+    parts = pairwise(analyzer, "mp", "bif", train, query, score_args=split)
+    assert list(parts) == ["all_modules"] and parts["all_modules"].shape == whole["all_modules"].shape
+    scale = whole["all_modules"].abs().max()
+    torch.testing.assert_close(parts["all_modules"], whole["all_modules"], rtol=1e-5, atol=1e-6 * float(scale))
+    one_job = KronfluenceAnalyzer.load_file(
+        analyzer.output_dir / "scores_mp" / "pairwise_scores_data_partition1_module_partition2.safetensors"
+    )
+    if not aggregate:  # data partition 1 holds examples 12-23; module partition 2 scores its last third
+        assert one_job["all_modules"].shape == (5, 12) and one_job["all_modules"][:, :8].abs().max() == 0
+        assert one_job["all_modules"][:, 8:].abs().min() > 0
 
 
 def test_profile_writes_the_sampling_phase_summary(tmp_path):
