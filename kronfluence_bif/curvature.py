@@ -53,11 +53,20 @@ def sketch_fisher(
             "The sampled-label gradients used for the curvature sketch are not finite; check the Task's "
             "compute_train_loss(sample=True), or use BIFArguments(sampler='rmsprop_sgld')."
         )
-    # thin SVD through the k x k Gram matrix (p >> k): U = V S W^T
-    gram = (rows.double() @ rows.T.double()).cpu()
-    values, vectors = torch.linalg.eigh(gram)
-    keep = values > values.max().clamp_min(1e-30) * 1e-8
-    values, vectors = values[keep].flip(0), vectors[:, keep].flip(1)
-    basis = (vectors / values.sqrt()).T.to(rows) @ rows
+    basis, values = _eigen_pairs(rows)
     logger.debug("Curvature sketch: rank %d of %d, top eigenvalue %.4g.", values.numel(), len(batches), values[0])
     return CurvatureSketch(basis=basis, eigenvalues=values.float().to(basis.device))
+
+
+def _eigen_pairs(rows: torch.Tensor):
+    """Orthonormal basis [r, p] and descending eigenvalues [r] of U^T U, decomposed on the smaller side of U [k, p]."""
+    k, p = rows.shape
+    if p < k:  # the p x p matrix itself (a few weights, many gradients)
+        values, vectors = torch.linalg.eigh((rows.T.double() @ rows.double()).cpu())
+        keep = values > values.max().clamp_min(1e-30) * 1e-8
+        return vectors[:, keep].flip(1).T.to(rows), values[keep].flip(0)
+    # thin SVD through the k x k Gram matrix (p >= k): U = W S V^T, so V^T = S^-1 W^T U
+    values, vectors = torch.linalg.eigh((rows.double() @ rows.T.double()).cpu())
+    keep = values > values.max().clamp_min(1e-30) * 1e-8
+    values, vectors = values[keep].flip(0), vectors[:, keep].flip(1)
+    return (vectors / values.sqrt()).T.to(rows) @ rows, values

@@ -232,3 +232,15 @@ def test_task_that_ignores_sample_is_warned_and_the_sketch_is_rescaled_to_stay_s
     assert "scaling the sketch up" in caplog.text
     scores = analyzer.load_pairwise_scores("s")["all_modules"]
     assert torch.isfinite(scores).all() and scores.abs().max() > 0
+
+
+@pytest.mark.parametrize("shape", [(12, 5), (5, 12)])
+def test_sketch_decomposes_on_the_smaller_side_and_reconstructs_the_fisher(shape):
+    from kronfluence_bif.curvature import _eigen_pairs
+
+    rows = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    basis, values = _eigen_pairs(rows)
+    rank = min(shape)
+    assert basis.shape == (rank, shape[1]) and values.shape == (rank,) and bool((values[:-1] >= values[1:]).all())
+    torch.testing.assert_close(basis @ basis.T, torch.eye(rank), atol=1e-5, rtol=0)  # float32 basis
+    torch.testing.assert_close(basis.T @ torch.diag(values.float()) @ basis, rows.T @ rows, atol=1e-4, rtol=1e-5)
