@@ -141,6 +141,13 @@ def test_two_processes_equal_one(data_dir, reference, tmp_path):
     assert any("pairwise_scores.safetensors" in line for line in rank0)
 
 
+def test_two_processes_on_a_model_with_nothing_tracked(data_dir, reference, tmp_path):
+    """torchrun on the same MLP from bare parameters (nothing to track, so no DDP wrapper): the same scores."""
+    run(2, data_dir, tmp_path, "--untracked")
+    for kind in SCORE_DIRS:
+        assert max_rel_diff(scores(tmp_path, kind), scores(reference, kind)) < 1e-5
+
+
 def test_three_processes_two_chains_shard_evaluation(data_dir, tmp_path):
     """P > C: all three processes run both chains and split the evaluation; the DDP wrapper is unwrapped."""
     reference = tmp_path / "ref"

@@ -18,13 +18,12 @@ import time
 from pathlib import Path
 
 import torch
-from kronfluence import prepare_model
 from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import TensorDataset
 
 import kronfluence_bif.storage as storage
-from kronfluence_bif import Analyzer, BIFArguments
+from kronfluence_bif import Analyzer, BIFArguments, prepare_model
 from kronfluence_bif.engine import SamplingEngine
 from kronfluence_bif.tasks import RegressionTask
 
@@ -34,6 +33,19 @@ def build_model(state: dict) -> nn.Module:
     model = nn.Sequential(nn.Linear(d, h), nn.Tanh(), nn.Linear(h, 1))
     model.load_state_dict(state)
     return model
+
+
+class Untracked(nn.Module):
+    """The same function as `build_model`'s MLP from bare parameters: nothing kronfluence can track."""
+
+    def __init__(self, state: dict) -> None:
+        super().__init__()
+        order = ["0.weight", "0.bias", "2.weight", "2.bias"]  # the MLP's order: the same noise, the same chains
+        self.weights = nn.ParameterList([nn.Parameter(state[k].clone()) for k in order])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w0, b0, w2, b2 = self.weights
+        return nn.functional.linear(torch.tanh(nn.functional.linear(x, w0, b0)), w2, b2)
 
 
 def instrument(out: Path, rank: int, slow: float, hang_marker: str) -> None:
@@ -88,6 +100,7 @@ def main() -> None:
     parser.add_argument("--hang-final-write", default="")
     parser.add_argument("--ddp", action="store_true")
     parser.add_argument("--only", default="")
+    parser.add_argument("--untracked", action="store_true", help="the MLP from bare parameters (nothing tracked)")
     parser.add_argument("--fail-rank", type=int, default=-1, help="this rank raises in its 40th evaluation")
     opts = parser.parse_args()
     torch.set_num_threads(1)
@@ -104,7 +117,8 @@ def main() -> None:
     train = TensorDataset(data["x_train"], data["y_train"])
     query = TensorDataset(data["x_query"], data["y_query"])
     task = RegressionTask()
-    model = prepare_model(build_model(load_file(str(Path(opts.data) / "model.safetensors"))), task)
+    state = load_file(str(Path(opts.data) / "model.safetensors"))
+    model = prepare_model(Untracked(state) if opts.untracked else build_model(state), task)
     if opts.ddp:
         from accelerate import PartialState
 
