@@ -32,6 +32,7 @@ from kronfluence_bif.loss_views import LossViews, PerExampleView
 from kronfluence_bif.moments import CrossMoments
 from kronfluence_bif.parameters import SampledWeights
 from kronfluence_bif.sampler import SGLD, RMSpropSGLD, SketchSGLD
+from kronfluence_bif.threads import choose_threads, using_threads
 
 TQDM_BAR_FORMAT = (
     "{desc} [{n_fmt}/{total_fmt}] {percentage:3.0f}%|{bar}{postfix} [time left: {remaining}, time spent: {elapsed}]"
@@ -285,7 +286,21 @@ class SamplingEngine:
         losses[index] = loss.detach()
 
     def run(self) -> SamplingResult:
-        """This process's chains, then the pooled moments, traces and summaries of all processes."""
+        """This process's chains, then the pooled moments, traces and summaries of all processes.
+
+        Runs with the thread count of `kronfluence_bif.threads.choose_threads`; the caller's is restored after.
+        """
+        self.weights.reset()
+        choice = choose_threads(
+            self.args.num_threads,
+            self.device,
+            lambda: self.views.summed_train_loss(self.x.batches.first(), self.model),
+        )
+        logger.info("Sampling with %d CPU thread(s): %s.", choice.threads, choice.reason)
+        with using_threads(choice.threads):
+            return self._run()
+
+    def _run(self) -> SamplingResult:
         args = self.args
         plan = self.state.plan(args.num_chains)
         self.state.make_groups(plan)

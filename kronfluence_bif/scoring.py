@@ -306,15 +306,14 @@ class BIFScorer:
         x = Side(train_data.batches(train_rows, eval_bs), x_view, x_reduce)
         y: Optional[Side] = None
         if req.kind == "pairwise":
+            # queries are forwards only, like the training examples: evaluate them in batches as large as those
+            # (fewer, larger kernels per draw); per_device_query_batch_size bounds EK-FAC's query gradients
+            query_bs = max(req.per_device_query_batch_size, eval_bs)
             query_data = DatasetOnDevice(
-                req.query_dataset,
-                req.per_device_query_batch_size,
-                req.dataloader_params,
-                device,
-                cache=bif_args.cache_batches,
+                req.query_dataset, query_bs, req.dataloader_params, device, cache=bif_args.cache_batches
             )
             y_view = views.measurement_tokens(bif_args.token_by_token) if per_token else views.measurement
-            y_batches = query_data.batches(req.query_indices, req.per_device_query_batch_size)
+            y_batches = query_data.batches(req.query_indices, query_bs)
             y = Side(y_batches, y_view)
             if args.aggregate_query_gradients:  # sum over queries, keeping each query's [1 + T] values apart
                 y.reduce = lambda v, side=y: v.reshape(v.shape[0], -1, side.width).sum(1)
