@@ -148,7 +148,18 @@ def calibrate(
                 rows.append({**row, "status": "invalid", "reason": str(exc)})
                 continue
             stream = MinibatchStream(source, args.sampler_batch_size)
-            engine = SamplingEngine(model, views, weights, stream, x, None, args, diagonal=True, disable_tqdm=True)
+            engine = SamplingEngine(
+                model,
+                views,
+                weights,
+                stream,
+                x,
+                None,
+                args,
+                diagonal=True,
+                disable_tqdm=True,
+                monitor=rows_idx.tolist(),
+            )
             if not checked:
                 engine.check_views()
                 checked = True

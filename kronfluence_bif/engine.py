@@ -1,7 +1,9 @@
 """The sampling phase: chains x draws of SGLD, evaluating every example at every kept draw.
 
 Per draw the engine evaluates the per-example values x (train losses of the scored examples) and y (query
-measurements, or the same examples' measurements for self scores) into one buffer row, and every
+measurements, or the same examples' measurements for self scores) into one buffer row, plus the losses of the
+monitor rows (a fixed set of training examples, whichever are scored) whose mean is the chain's
+`mean_train_loss` trace, so diagnostics are the same in every partition job; every
 `draws_per_block` draws updates the float64 moments with one GEMM, checking for divergence at the same time
 (one host sync per block). Each chain keeps its own moments, checkpointed at block boundaries, and the
 process's chains are pooled at the end; processes then add their sums. The model leaves this module with
@@ -46,6 +48,20 @@ TRACE_NAMES = (
     "noise_step_norm",  # |sqrt(eps G) xi|: the injected noise
 )
 NORM_TRACES = TRACE_NAMES[3:]
+# training examples whose mean loss is a chain's mean_train_loss trace (its health), all of them up to this many
+MONITOR_ROWS = 1024
+
+
+def monitor_rows(n_train: int, seed: int) -> List[int]:
+    """The training rows traced by `mean_train_loss`: all up to MONITOR_ROWS, else a sample seeded by `seed` only.
+
+    They do not depend on which examples are scored (`train_indices`, data partitions, column blocks), so the
+    traces, R-hat and warnings are a property of the chains: identical in every partition job.
+    """
+    if n_train <= MONITOR_ROWS:
+        return list(range(n_train))
+    generator = torch.Generator().manual_seed(chain_seed(seed, 0) ^ 0x3017)
+    return sorted(torch.randperm(n_train, generator=generator)[:MONITOR_ROWS].tolist())
 
 
 def chain_seed(seed: int, chain: int) -> int:
@@ -96,6 +112,7 @@ class _Layout:
 
     n_x: int
     n_y: int
+    n_m: int  # monitor columns evaluated apart (0 when the monitor rows are among the scored rows)
     dim_x: int
     dim_y: int
     mine: Optional[set]  # (side, batch) units this process evaluates; None: all of them
@@ -120,7 +137,9 @@ class SamplingEngine:
         disable_tqdm: bool = False,
         state: Optional[ProcessState] = None,
         checkpoints: Optional[CheckpointStore] = None,
+        monitor: Optional[List[int]] = None,
     ) -> None:
+        """`monitor`: the training rows whose mean loss traces each chain (default `monitor_rows`)."""
         self.model = model
         self.views = views
         self.weights = weights
@@ -136,6 +155,18 @@ class SamplingEngine:
         self._checked_steps = 0
         self._sharpness: Optional[float] = None
         self._sketch: Optional[CurvatureSketch] = None
+        self._monitor_columns, self.monitor = self._monitor(
+            monitor if monitor is not None else monitor_rows(stream.n, args.seed)
+        )
+
+    def _monitor(self, rows: List[int]) -> Tuple[Optional[torch.Tensor], Optional[Side]]:
+        """Columns of x holding the monitor rows' losses when all are scored; else a Side evaluating them apart."""
+        if self.x.view is self.views.train:
+            scored = self.x.batches.indices
+            position = {r: i for i, r in enumerate(range(self.x.size) if scored is None else scored)}
+            if all(r in position for r in rows):
+                return torch.tensor([position[r] for r in rows], dtype=torch.long, device=self.device), None
+        return None, Side(self.stream.source.batches(rows, self.x.batches.batch_size), self.views.train)
 
     # ------------------------------------------------------------------ evaluation
     def _autocast(self):
@@ -147,7 +178,8 @@ class SamplingEngine:
         return [self.x] if self.y is None else [self.x, self.y]
 
     def _evaluate(self, row: torch.Tensor, mine: Optional[set]) -> None:
-        """Per-example values of both sides into `row` [n_x + n_y]; only this process's batches when sharded."""
+        """Per-example values of both sides (only this process's batches when sharded), then of the monitor rows
+        (every process), into `row` [n_x + n_y + n_m]."""
         offset = 0
         with torch.inference_mode(), self._autocast():
             for s, side in enumerate(self._sides()):
@@ -157,6 +189,11 @@ class SamplingEngine:
                         values = side.view(batch, self.model)
                         row[offset : offset + size] = values.reshape(-1)
                     offset += size
+            if self.monitor is not None:
+                for batch in self.monitor.batches:
+                    values = self.monitor.view(batch, self.model)
+                    row[offset : offset + values.numel()] = values.reshape(-1)
+                    offset += values.numel()
 
     def check_views(self) -> None:
         """The per-example contract on the first batch of each side, at w*, in full precision."""
@@ -167,10 +204,11 @@ class SamplingEngine:
     def _layout(self, plan: WorkPlan) -> _Layout:
         n_x = self.x.columns
         n_y = self.y.columns if self.y is not None else 0
+        n_m = self.monitor.size if self.monitor is not None else 0
         dim_x = reduced_dim(self.x, n_x)
         dim_y = dim_x if self.y is None else reduced_dim(self.y, n_y)
         if plan.num_shards == 1:
-            return _Layout(n_x, n_y, dim_x, dim_y, None, [], None)
+            return _Layout(n_x, n_y, n_m, dim_x, dim_y, None, [], None)
         units, columns, offset = [], [], 0
         for s, side in enumerate(self._sides()):
             for b, size in enumerate(side.batch_sizes()):
@@ -180,7 +218,8 @@ class SamplingEngine:
         parts = split_evenly([c.numel() for c in columns], plan.num_shards)
         gather = [torch.cat([columns[u] for u in part]) if part else torch.empty(0, dtype=torch.long) for part in parts]
         own = torch.tensor(np.array_split(np.arange(dim_x), plan.num_shards)[plan.shard], dtype=torch.long)
-        return _Layout(n_x, n_y, dim_x, dim_y, {units[u] for u in parts[plan.shard]}, gather, own.to(self.device))
+        mine = {units[u] for u in parts[plan.shard]}
+        return _Layout(n_x, n_y, n_m, dim_x, dim_y, mine, gather, own.to(self.device))
 
     # ------------------------------------------------------------------ sampling
     def _make_sampler(self, chain: int) -> SGLD:
@@ -307,10 +346,10 @@ class SamplingEngine:
         self._plan = plan
         self._lay = lay = self._layout(plan)
         f32 = {"dtype": torch.float32, "device": self.device}
-        shift = torch.empty(lay.n_x + lay.n_y, **f32)
+        shift = torch.empty(lay.n_x + lay.n_y + lay.n_m, **f32)
         self.weights.reset()  # the shift is the value at w*, whatever ran before (column blocks share the y sums)
         self._evaluate(shift, None)
-        init_mean = float(self._mean_x(shift[None, : lay.n_x])[0]) if lay.n_x else 0.0
+        init_mean = float(self._monitor_mean(shift[None])[0])
         if not math.isfinite(init_mean) or not bool(torch.isfinite(shift).all()):
             raise SamplerDivergenceError(
                 "The losses/measurements at the trained weights w* are not finite; BIF cannot start. "
@@ -323,7 +362,7 @@ class SamplingEngine:
         self._scale = max(init_mean, thermal)
         self._limit = args.divergence_loss_ratio * self._scale if self._scale > 0 else math.inf
         self._shift = shift.double()
-        self._buffer = torch.empty(args.draws_per_block, lay.n_x + lay.n_y, **f32)
+        self._buffer = torch.empty(args.draws_per_block, lay.n_x + lay.n_y + lay.n_m, **f32)
         self._step_losses = torch.empty(args.num_burnin_steps + args.num_draws * args.draw_interval, **f32)
         traces = {
             name: torch.zeros(args.num_chains, args.num_draws, dtype=torch.float64, device=self.device)
@@ -470,8 +509,16 @@ class SamplingEngine:
                 raise RuntimeError(f"Process {rank} of this evaluation group failed on chain {chain}: {message}")
 
     def _mean_x(self, values: torch.Tensor) -> torch.Tensor:
-        """Mean over train examples of their value (per-token values summed per example) for each draw."""
+        """Mean over the scored train examples of their value (per-token values summed per example), per draw."""
         return values.double().sum(1) / max(self.x.size, 1)
+
+    def _monitor_mean(self, block: torch.Tensor) -> torch.Tensor:
+        """Mean loss of the monitor rows for each draw of a [k, n_x + n_y + n_m] block: the chain's health trace."""
+        if self._monitor_columns is not None:
+            values = block[:, self._monitor_columns]
+        else:
+            values = block[:, self._lay.n_x + self._lay.n_y :]
+        return values.double().mean(1)
 
     def _mean_y(self, values: torch.Tensor) -> torch.Tensor:
         """Mean over queries of the (sequence) measurement: column 0 of each query's [1 + T] values."""
@@ -512,18 +559,18 @@ class SamplingEngine:
         lay = self._lay
         block = self._buffer[:filled]
         self.state.all_gather_columns(block, lay.gather_columns, self._plan.group_ranks)
-        bx, by = block[:, : lay.n_x], block[:, lay.n_x :]
-        mean_x = self._mean_x(bx)
-        self._raise_if_diverged(mean_x, block, chain, first)
-        traces["mean_train_loss"][chain, first : first + filled] = mean_x
-        traces["mean_measurement"][chain, first : first + filled] = self._mean_y(by) if lay.n_y else mean_x
+        bx, by = block[:, : lay.n_x], block[:, lay.n_x : lay.n_x + lay.n_y]
+        mean_loss = self._monitor_mean(block)
+        self._raise_if_diverged(mean_loss, block, chain, first)
+        traces["mean_train_loss"][chain, first : first + filled] = mean_loss
+        traces["mean_measurement"][chain, first : first + filled] = self._mean_y(by) if lay.n_y else self._mean_x(bx)
         x = bx.double() - self._shift[: lay.n_x]
         if self.x.reduce is not None:
             x = self.x.reduce(x)
         if self.y is None:
             y = x
         else:
-            y = by.double() - self._shift[lay.n_x :]
+            y = by.double() - self._shift[lay.n_x : lay.n_x + lay.n_y]
             if self.y.reduce is not None:
                 y = self.y.reduce(y)
         if lay.own is not None:
