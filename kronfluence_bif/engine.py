@@ -197,9 +197,10 @@ class SamplingEngine:
 
     def check_views(self) -> None:
         """The per-example contract on the first batch of each side, at w*, in full precision."""
+        names = ["train_dataset", "train_dataset" if self.diagonal else "query_dataset"]
         with torch.inference_mode():
-            for side in self._sides():
-                side.view.check(side.batches.first(), self.model)
+            for side, name in zip(self._sides(), names):
+                side.view.check(side.batches.first(), self.model, dataset=name)
 
     def _layout(self, plan: WorkPlan) -> _Layout:
         n_x = self.x.columns
