@@ -382,7 +382,8 @@ class SamplingEngine:
             disable=self.disable_tqdm or not self.state.is_main_process,
         )
         # the main process advances the bar for its whole group's share, so the ETA covers every process
-        self._bar, self._bar_scale = bar, args.num_chains / len(plan.chains)
+        scale = args.num_chains / len(plan.chains)
+        self._bar, self._bar_scale = bar, int(scale) if scale.is_integer() else scale  # "32/1600", not "32.0/1600"
         total: Optional[CrossMoments] = None
         summaries: List[Dict[str, Any]] = []
         error: Optional[BaseException] = None

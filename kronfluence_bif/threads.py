@@ -11,9 +11,10 @@ in BENCHMARKS.md, "Shared CPU"). So, on CPU and unless the user chose a thread c
   collapse when it is busy;
 - larger models keep torch's thread count, where the parallel speed-up outweighs the waits.
 
-The user's choice wins: `BIFArguments.num_threads`, else `OMP_NUM_THREADS` / `MKL_NUM_THREADS`, else a
-`torch.set_num_threads(k)` made after kronfluence_bif was imported. The decision depends on shapes only, so a
-rerun (or a resumed run) uses the same count.
+The user's choice wins: `BIFArguments.num_threads`, else `OMP_NUM_THREADS` / `MKL_NUM_THREADS`, else a count set
+with `set_threads(k)`, else a `torch.set_num_threads(k)` made after kronfluence_bif was imported (one made before
+cannot be told from torch's default; use `set_threads` or `num_threads` then). The decision depends on shapes
+only, so a rerun (or a resumed run) uses the same count.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from kronfluence_bif.logs import logger
 SMALL_MATMUL_FLOPS = 1e8
 THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 _THREADS_AT_IMPORT = torch.get_num_threads()
+_CHOSEN: Optional[int] = None  # the count of the last `set_threads` call
 _MATMULS = {
     "mm",
     "addmm",
@@ -54,11 +56,20 @@ class ThreadChoice:
     reason: str
 
 
+def set_threads(threads: int) -> None:
+    """`torch.set_num_threads(threads)`, remembered as the user's choice, so BIF samples with it too."""
+    global _CHOSEN
+    torch.set_num_threads(threads)
+    _CHOSEN = threads
+
+
 def user_thread_setting() -> Optional[str]:
     """What fixed the thread count explicitly, or None when torch runs at its default."""
     for name in THREAD_ENV_VARS:
         if os.environ.get(name):
             return f"{name}={os.environ[name]}"
+    if _CHOSEN is not None and torch.get_num_threads() == _CHOSEN:
+        return f"set_threads({_CHOSEN})"
     if torch.get_num_threads() != _THREADS_AT_IMPORT:
         return f"torch.set_num_threads({torch.get_num_threads()})"
     return None

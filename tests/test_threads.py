@@ -55,6 +55,14 @@ def test_the_users_choice_wins(default_threads, monkeypatch):
     assert choice.threads == 3 and "torch.set_num_threads(3)" in choice.reason
 
 
+def test_set_threads_is_an_explicit_choice_even_at_torchs_default(default_threads, monkeypatch):
+    monkeypatch.setattr(threads_module, "_CHOSEN", None)
+    forward = lambda: nn.Linear(4, 4)(torch.randn(2, 4))  # noqa: E731
+    threads_module.set_threads(2)  # the same count torch started with: set_num_threads could not be told apart
+    choice = choose_threads(None, CPU, forward)
+    assert choice.threads == 2 and "set_threads(2)" in choice.reason
+
+
 def test_using_threads_restores_after_an_error(default_threads):
     with pytest.raises(RuntimeError, match="boom"):
         with using_threads(1):

@@ -49,6 +49,7 @@ from tqdm import tqdm
 
 from kronfluence_bif.logs import logger
 from kronfluence_bif.tasks import IGNORE_INDEX
+from kronfluence_bif.threads import set_threads
 
 PAD_TOKEN, UNK_TOKEN = "<pad>", "<unk>"
 MODEL_FILE, CONFIG_FILE, VOCAB_FILE, TRAINING_FILE = "model.safetensors", "config.json", "vocab.json", "training.json"
@@ -973,7 +974,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
 
