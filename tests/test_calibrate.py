@@ -114,39 +114,56 @@ def make_bif_inputs():
 """
 
 
-def _console(project, *argv):
-    """`kronfluence-bif ARGV` as its console script runs it: sys.path[0] is the script's folder, not the cwd."""
-    script = project.parent / "bin" / "kronfluence-bif.py"
-    script.parent.mkdir(exist_ok=True)
-    script.write_text("import sys\nfrom kronfluence_bif.cli import main\nsys.exit(main())\n")
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run(
-        [sys.executable, str(script), *argv], cwd=project, env=env, capture_output=True, text=True, timeout=300
-    )
+def _console(project, monkeypatch, capsys, *argv):
+    """`kronfluence-bif ARGV` run from `project` as its console script runs: the cwd is not on sys.path."""
+    monkeypatch.chdir(project)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", os.getcwd(), str(project))])
+    for name in [m for m in sys.modules if m.split(".")[0] in ("my_project", "needs_dep")]:
+        monkeypatch.delitem(sys.modules, name)
+    code = cli(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
-def test_cli_calibrate_finds_a_module_of_the_working_directory(tmp_path):
+def test_cli_calibrate_finds_a_module_of_the_working_directory(tmp_path, monkeypatch, capsys):
     project = tmp_path / "proj"
     (project / "my_project").mkdir(parents=True)
     (project / "my_project" / "__init__.py").write_text("")
     (project / "my_project" / "setup.py").write_text(FACTORY_MODULE)
-    done = _console(project, "calibrate", "my_project.setup:make_bif_inputs", "--steps", "1e-3", "--draws", "10")
-    assert done.returncode == 0, done.stderr
-    assert "Recommended: step_size=0.001" in done.stdout
+    argv = ["calibrate", "my_project.setup:make_bif_inputs", "--steps", "1e-3", "--draws", "10", "--json"]
+    code, out, err = _console(project, monkeypatch, capsys, *argv)
+    assert code == 0, err
+    assert json.loads(out)["recommended"]["step_size"] == 1e-3
 
 
-def test_cli_calibrate_factory_errors_exit_2_with_the_fix(tmp_path):
+def test_cli_calibrate_factory_errors_exit_2_with_the_fix(tmp_path, monkeypatch, capsys):
     project = tmp_path / "proj"
     project.mkdir()
-    done = _console(project, "calibrate", "my_project.setup:make_bif_inputs")
-    assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert "cannot import `my_project.setup`: no module named `my_project`" in done.stderr
-    assert str(project) in done.stderr and "path/to/setup.py:FUNCTION" in done.stderr
+    code, _, err = _console(project, monkeypatch, capsys, "calibrate", "my_project.setup:make_bif_inputs")
+    assert code == 2 and "Traceback" not in err
+    assert "cannot import `my_project.setup`: no module named `my_project`" in err
+    assert str(project) in err and "path/to/setup.py:FUNCTION" in err
     # a module the factory imports is missing: its traceback, then the error line (exit 2, not 1)
     (project / "needs_dep.py").write_text("import not_installed_anywhere_xyz\n")
-    done = _console(project, "calibrate", "needs_dep:make")
-    assert done.returncode == 2 and "Traceback" in done.stderr
-    assert "importing `needs_dep` raised ModuleNotFoundError" in done.stderr
+    code, _, err = _console(project, monkeypatch, capsys, "calibrate", "needs_dep:make")
+    assert code == 2 and "Traceback" in err and "not_installed_anywhere_xyz" in err
+    assert "importing `needs_dep` raised ModuleNotFoundError" in err
+
+
+def test_cli_console_script_finds_the_working_directory(tmp_path):
+    """The real thing once: a script outside the project (as the console script is), run from the project."""
+    project = tmp_path / "proj"
+    (project / "my_project").mkdir(parents=True)
+    (project / "my_project" / "__init__.py").write_text("")
+    (project / "my_project" / "setup.py").write_text("def make_bif_inputs():\n    return 3\n")
+    script = tmp_path / "bin" / "kronfluence-bif.py"
+    script.parent.mkdir()
+    script.write_text("import sys\nfrom kronfluence_bif.cli import main\nsys.exit(main())\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    argv = [sys.executable, str(script), "calibrate", "my_project.setup:make_bif_inputs"]
+    done = subprocess.run(argv, cwd=project, env=env, capture_output=True, text=True, timeout=300)
+    # found and imported (it returns the wrong thing, which is exit 2 with the contract, not a traceback)
+    assert done.returncode == 2 and "returned int; it must be a function" in done.stderr, done.stderr
 
 
 @pytest.mark.parametrize(
