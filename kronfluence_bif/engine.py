@@ -1,9 +1,10 @@
 """The sampling phase: chains x draws of SGLD, evaluating every example at every kept draw.
 
 Per draw the engine evaluates the per-example values x (train losses of the scored examples) and y (query
-measurements, or the same examples' measurements for self scores) into one buffer row, plus the losses of the
-monitor rows (a fixed set of training examples, whichever are scored) whose mean is the chain's
-`mean_train_loss` trace, so diagnostics are the same in every partition job; every
+measurements, or the same examples' measurements for self scores) into one buffer row. The chain's health trace
+`mean_train_loss` is the mean loss of the monitor rows, a fixed sample of the request's scored rows: taken from x
+when this job scores them all, evaluated apart (a data-partition job) otherwise, so every job of a request
+reports the same diagnostics. Every
 `draws_per_block` draws updates the float64 moments with one GEMM, checking for divergence at the same time
 (one host sync per block). Each chain keeps its own moments, checkpointed at block boundaries, and the
 process's chains are pooled at the end; processes then add their sums. The model leaves this module with
@@ -15,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -48,20 +49,22 @@ TRACE_NAMES = (
     "noise_step_norm",  # |sqrt(eps G) xi|: the injected noise
 )
 NORM_TRACES = TRACE_NAMES[3:]
-# training examples whose mean loss is a chain's mean_train_loss trace (its health), all of them up to this many
-MONITOR_ROWS = 1024
+# scored training examples whose mean loss is a chain's mean_train_loss trace (its health): all up to this many
+MONITOR_ROWS = 512
 
 
-def monitor_rows(n_train: int, seed: int) -> List[int]:
-    """The training rows traced by `mean_train_loss`: all up to MONITOR_ROWS, else a sample seeded by `seed` only.
+def monitor_rows(scored: Sequence[int], seed: int) -> List[int]:
+    """The training rows traced by `mean_train_loss`: the request's scored rows (all of them, before data
+    partitions) up to MONITOR_ROWS, else a sample of them seeded by `seed` only.
 
-    They do not depend on which examples are scored (`train_indices`, data partitions, column blocks), so the
-    traces, R-hat and warnings are a property of the chains: identical in every partition job.
+    They do not depend on which partition a job computes (or on column blocks), so the traces, R-hat and warnings
+    are a property of the chains: identical in every partition job and in the unpartitioned run.
     """
-    if n_train <= MONITOR_ROWS:
-        return list(range(n_train))
+    scored = [int(r) for r in scored]
+    if len(scored) <= MONITOR_ROWS:
+        return scored
     generator = torch.Generator().manual_seed(chain_seed(seed, 0) ^ 0x3017)
-    return sorted(torch.randperm(n_train, generator=generator)[:MONITOR_ROWS].tolist())
+    return sorted(scored[int(i)] for i in torch.randperm(len(scored), generator=generator)[:MONITOR_ROWS])
 
 
 def chain_seed(seed: int, chain: int) -> int:
@@ -112,7 +115,7 @@ class _Layout:
 
     n_x: int
     n_y: int
-    n_m: int  # monitor columns evaluated apart (0 when the monitor rows are among the scored rows)
+    n_m: int  # monitor columns evaluated apart (0 when this job scores every monitor row)
     dim_x: int
     dim_y: int
     mine: Optional[set]  # (side, batch) units this process evaluates; None: all of them
@@ -139,7 +142,7 @@ class SamplingEngine:
         checkpoints: Optional[CheckpointStore] = None,
         monitor: Optional[List[int]] = None,
     ) -> None:
-        """`monitor`: the training rows whose mean loss traces each chain (default `monitor_rows`)."""
+        """`monitor`: the training rows whose mean loss traces each chain (default: `monitor_rows` of x's rows)."""
         self.model = model
         self.views = views
         self.weights = weights
@@ -155,18 +158,19 @@ class SamplingEngine:
         self._checked_steps = 0
         self._sharpness: Optional[float] = None
         self._sketch: Optional[CurvatureSketch] = None
-        self._monitor_columns, self.monitor = self._monitor(
-            monitor if monitor is not None else monitor_rows(stream.n, args.seed)
+        scored = self.x.batches.indices
+        scored = list(range(self.x.size)) if scored is None else scored
+        self._monitor_rows, self.monitor = self._monitor(
+            scored, monitor if monitor is not None else monitor_rows(scored, args.seed)
         )
 
-    def _monitor(self, rows: List[int]) -> Tuple[Optional[torch.Tensor], Optional[Side]]:
-        """Columns of x holding the monitor rows' losses when all are scored; else a Side evaluating them apart."""
-        if self.x.view is self.views.train:
-            scored = self.x.batches.indices
-            position = {r: i for i, r in enumerate(range(self.x.size) if scored is None else scored)}
-            if all(r in position for r in rows):
-                return torch.tensor([position[r] for r in rows], dtype=torch.long, device=self.device), None
-        return None, Side(self.stream.source.batches(rows, self.x.batches.batch_size), self.views.train)
+    def _monitor(self, scored: List[int], rows: List[int]) -> Tuple[Optional[torch.Tensor], Optional[Side]]:
+        """x's rows holding the monitor rows when this job scores them all; else a Side evaluating them apart (with
+        x's own view, so the values are computed exactly as in a job that scores them)."""
+        position = {r: i for i, r in enumerate(scored)}
+        if all(r in position for r in rows):
+            return torch.tensor([position[r] for r in rows], dtype=torch.long, device=self.device), None
+        return None, Side(self.stream.source.batches(rows, self.x.batches.batch_size), self.x.view)
 
     # ------------------------------------------------------------------ evaluation
     def _autocast(self):
@@ -191,8 +195,8 @@ class SamplingEngine:
                     offset += size
             if self.monitor is not None:
                 for batch in self.monitor.batches:
-                    values = self.monitor.view(batch, self.model)
-                    row[offset : offset + values.numel()] = values.reshape(-1)
+                    values = self.monitor.view(batch, self.model).reshape(-1)
+                    row[offset : offset + values.numel()] = values
                     offset += values.numel()
 
     def check_views(self) -> None:
@@ -205,7 +209,7 @@ class SamplingEngine:
     def _layout(self, plan: WorkPlan) -> _Layout:
         n_x = self.x.columns
         n_y = self.y.columns if self.y is not None else 0
-        n_m = self.monitor.size if self.monitor is not None else 0
+        n_m = self.monitor.columns if self.monitor is not None else 0
         dim_x = reduced_dim(self.x, n_x)
         dim_y = dim_x if self.y is None else reduced_dim(self.y, n_y)
         if plan.num_shards == 1:
@@ -515,12 +519,14 @@ class SamplingEngine:
         return values.double().sum(1) / max(self.x.size, 1)
 
     def _monitor_mean(self, block: torch.Tensor) -> torch.Tensor:
-        """Mean loss of the monitor rows for each draw of a [k, n_x + n_y + n_m] block: the chain's health trace."""
-        if self._monitor_columns is not None:
-            values = block[:, self._monitor_columns]
+        """Mean loss of the monitor rows (per-token values summed per example) for each draw of a
+        [k, n_x + n_y + n_m] block: the chain's health trace."""
+        k, width = block.shape[0], self.x.width
+        if self._monitor_rows is not None:
+            values = block[:, : self._lay.n_x].reshape(k, -1, width)[:, self._monitor_rows]
         else:
-            values = block[:, self._lay.n_x + self._lay.n_y :]
-        return values.double().mean(1)
+            values = block[:, self._lay.n_x + self._lay.n_y :].reshape(k, -1, width)
+        return values.double().sum(-1).mean(1)
 
     def _mean_y(self, values: torch.Tensor) -> torch.Tensor:
         """Mean over queries of the (sequence) measurement: column 0 of each query's [1 + T] values."""

@@ -22,7 +22,7 @@ from kronfluence_bif.compare import jsonable
 from kronfluence_bif.data import DatasetOnDevice, MinibatchStream
 from kronfluence_bif.diagnostics import summarize
 from kronfluence_bif.distributed import ProcessState, process_state, unwrap_model
-from kronfluence_bif.engine import SamplingEngine, SamplingResult, Side, reduced_dim
+from kronfluence_bif.engine import SamplingEngine, SamplingResult, Side, monitor_rows, reduced_dim
 from kronfluence_bif.logs import logger, warn_once
 from kronfluence_bif.loss_views import LossViews
 from kronfluence_bif.parameters import SampledWeights, select_parameters
@@ -346,6 +346,9 @@ class BIFScorer:
             }
             return CheckpointStore(out, name, fingerprint(content), plan.shard, plan.num_shards)
 
+        # the health trace follows the request's scored rows, not this job's partition: the same in every job
+        scored = range(n_train) if req.train_indices is None else req.train_indices
+        monitor = monitor_rows(scored, bif_args.seed)
         with SampledWeights(self.model, params) as weights:
 
             def engine_for(x_side: Side, checkpoints: Optional[CheckpointStore]) -> SamplingEngine:
@@ -362,6 +365,7 @@ class BIFScorer:
                     disable_tqdm=self.disable_tqdm,
                     state=state,
                     checkpoints=checkpoints,
+                    monitor=monitor,
                 )
 
             engine = engine_for(x, store(tag))

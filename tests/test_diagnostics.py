@@ -230,3 +230,31 @@ def test_partition_jobs_report_the_diagnostics_of_the_full_run(
                 assert chain[key] == pytest.approx(value, rel=1e-6), key
         for name, trace in full_traces.items():
             torch.testing.assert_close(traces[name], trace, rtol=1e-6, atol=0.0)
+
+
+def test_an_unpartitioned_run_reads_the_health_trace_from_its_scored_rows(
+    tmp_path, trained_mlp, small_data, monkeypatch
+):
+    """Scoring a subset against the full posterior costs no extra evaluation for the trace (the subset is traced)."""
+    from kronfluence_bif.engine import SamplingEngine
+
+    seen = []
+    original = SamplingEngine._monitor
+
+    def spy(self, scored, rows):
+        found = original(self, scored, rows)
+        seen.append((list(rows), found[1] is None))
+        return found
+
+    monkeypatch.setattr(SamplingEngine, "_monitor", spy)
+    train, query = small_data
+    task = PlainRegressionTask()
+    model = prepare_model(trained_mlp, task)
+    args = BIFArguments(num_chains=1, num_draws=8, num_burnin_steps=2, sampler_batch_size=8, checkpoint_interval=0)
+    analyzer = Analyzer("m", model, task, cpu=True, output_dir=str(tmp_path), disable_tqdm=True, strategy="bif")
+    analyzer.fit_all_factors("f", dataset=train, bif_args=args)
+    rows = [3, 7, 11, 30]
+    analyzer.compute_pairwise_scores(
+        "s", "f", query_dataset=query, train_dataset=train, per_device_query_batch_size=4, train_indices=rows
+    )
+    assert seen == [(rows, True)]
