@@ -185,6 +185,17 @@ def test_undefined_statistics_are_written_as_null(tmp_path):
     assert report["rhat_mean_train_loss"] is None and report["chains"][0]["ess_mean_train_loss"] is None
 
 
+def _fitted_bif(tmp_path, model, train, **bif):
+    """An Analyzer "p" with BIF factors "f" (sampler_batch_size 8, no checkpoints) on a plain regression Task."""
+    task = PlainRegressionTask()
+    args = BIFArguments(sampler_batch_size=8, checkpoint_interval=0, **bif)
+    analyzer = Analyzer(
+        "p", prepare_model(model, task), task, cpu=True, output_dir=str(tmp_path), disable_tqdm=True, strategy="bif"
+    )
+    analyzer.fit_all_factors("f", dataset=train, bif_args=args)
+    return analyzer
+
+
 @pytest.mark.parametrize("monitored", [None, 20])  # every training row, or a seeded sample of 20 of the 48
 def test_partition_jobs_report_the_diagnostics_of_the_full_run(
     tmp_path, trained_mlp, small_data, monkeypatch, monitored
@@ -197,11 +208,7 @@ def test_partition_jobs_report_the_diagnostics_of_the_full_run(
     if monitored is not None:
         monkeypatch.setattr(engine, "MONITOR_ROWS", monitored)
     train, query = small_data
-    task = PlainRegressionTask()
-    model = prepare_model(trained_mlp, task)
-    args = BIFArguments(num_chains=2, num_draws=40, num_burnin_steps=5, sampler_batch_size=8, checkpoint_interval=0)
-    analyzer = Analyzer("p", model, task, cpu=True, output_dir=str(tmp_path), disable_tqdm=True, strategy="bif")
-    analyzer.fit_all_factors("f", dataset=train, bif_args=args)
+    analyzer = _fitted_bif(tmp_path, trained_mlp, train, num_chains=2, num_draws=40, num_burnin_steps=5)
     kw = dict(query_dataset=query, train_dataset=train, per_device_query_batch_size=4, per_device_train_batch_size=8)
     folders = {}
 
@@ -248,11 +255,7 @@ def test_an_unpartitioned_run_reads_the_health_trace_from_its_scored_rows(
 
     monkeypatch.setattr(SamplingEngine, "_monitor", spy)
     train, query = small_data
-    task = PlainRegressionTask()
-    model = prepare_model(trained_mlp, task)
-    args = BIFArguments(num_chains=1, num_draws=8, num_burnin_steps=2, sampler_batch_size=8, checkpoint_interval=0)
-    analyzer = Analyzer("m", model, task, cpu=True, output_dir=str(tmp_path), disable_tqdm=True, strategy="bif")
-    analyzer.fit_all_factors("f", dataset=train, bif_args=args)
+    analyzer = _fitted_bif(tmp_path, trained_mlp, train, num_chains=1, num_draws=8, num_burnin_steps=2)
     rows = [3, 7, 11, 30]
     analyzer.compute_pairwise_scores(
         "s", "f", query_dataset=query, train_dataset=train, per_device_query_batch_size=4, train_indices=rows

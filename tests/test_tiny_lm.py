@@ -180,6 +180,22 @@ class _Checker(html.parser.HTMLParser):
         assert self.stack and self.stack.pop() == tag, f"unbalanced </{tag}>"
 
 
+def _render(tmp_path, tokenizer, a, per_token, token_scores, **kwargs):
+    """tokens.html of the synthetic arrays, the top 2 training sequences per query."""
+    return tiny_lm.render_influence_html(
+        tmp_path / "tokens.html",
+        tokenizer,
+        a["query_ids"],
+        a["query_labels"],
+        a["train_ids"],
+        a["train_mask"],
+        per_token,
+        token_scores,
+        top_k=2,
+        **kwargs,
+    )
+
+
 def test_renders_png_and_html_on_synthetic_arrays(tmp_path):
     tokenizer, a, scores, per_token = synthetic()
     png = tiny_lm.plot_token_heatmaps(
@@ -194,17 +210,7 @@ def test_renders_png_and_html_on_synthetic_arrays(tmp_path):
     )
     assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 1000
     for token_scores in (scores, None):
-        page = tiny_lm.render_influence_html(
-            tmp_path / "tokens.html",
-            tokenizer,
-            a["query_ids"],
-            a["query_labels"],
-            a["train_ids"],
-            a["train_mask"],
-            per_token,
-            token_scores,
-            top_k=2,
-        )
+        page = _render(tmp_path, tokenizer, a, per_token, token_scores)
         text = page.read_text(encoding="utf-8")
         checker = _Checker()
         checker.feed(text)
@@ -314,18 +320,7 @@ def test_html_labels_its_boxes_and_says_when_the_chains_had_not_mixed(tmp_path):
     warning = tiny_lm.mixing_warning(folder)
     assert "had not mixed (R-hat 1.61, about 4 effective draws per chain)" in warning
     assert "When the diagnostics warn" in warning
-    page = tiny_lm.render_influence_html(
-        tmp_path / "tokens.html",
-        tokenizer,
-        a["query_ids"],
-        a["query_labels"],
-        a["train_ids"],
-        a["train_mask"],
-        per_token,
-        scores,
-        top_k=2,
-        warning=warning,
-    )
+    page = _render(tmp_path, tokenizer, a, per_token, scores, warning=warning)
     text = page.read_text(encoding="utf-8")
     assert '<p class="warn">The BIF chains had not mixed' in text
     top = tiny_lm.top_train_sequences(per_token, 0, 2)
