@@ -13,11 +13,12 @@ from typing import Any, Dict, Type
 
 def quiet(threads: int, level: int = logging.ERROR, category: Type[Warning] = Warning) -> None:
     """Silence `category` warnings and package logs below `level`; pin torch to `threads` threads."""
-    import torch
 
     warnings.filterwarnings("ignore", category=category)
     logging.getLogger("kronfluence_bif").setLevel(level)
-    torch.set_num_threads(threads)
+    from kronfluence_bif.threads import set_threads
+
+    set_threads(threads)
 
 
 def describe_machine(threads: int) -> Dict[str, Any]:

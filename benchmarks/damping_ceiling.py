@@ -21,6 +21,8 @@ import torch
 from defaults_grid import LDSSetup, lds
 from torch.func import functional_call, jacrev, vmap
 
+from kronfluence_bif.threads import set_threads
+
 DAMPINGS = [1e-4, 1e-3, 1e-2, 3e-2, 1e-1, 1.0]
 
 
@@ -41,7 +43,7 @@ def main() -> None:
     parser.add_argument("--retrains", type=int, default=60)
     parser.add_argument("--cache", default="./benchmark_results")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    set_threads(2)
     setup = LDSSetup.load(args.task, args.retrains, args.cache)
     train, query, masks, losses = setup.train, setup.query, setup.masks, setup.losses
     model = setup.fit(train, 0).double().eval()

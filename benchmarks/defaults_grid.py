@@ -27,6 +27,7 @@ from kronfluence_bif.demo.ab import score_method
 from kronfluence_bif.demo.digits import load_digits_split, train_classifier
 from kronfluence_bif.demo.uci import load_concrete, train_mlp
 from kronfluence_bif.lds import linear_datamodeling_score
+from kronfluence_bif.threads import set_threads
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
@@ -124,7 +125,7 @@ def main() -> None:
     )
     parser.add_argument("--cache", default="./benchmark_results")
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    set_threads(1)
     setup = LDSSetup.load(args.task, args.retrains, args.cache)
     model = prepare_model(setup.fit(setup.train, 0), setup.task)
     analyzer = Analyzer(args.task, model, setup.task, cpu=True, output_dir=str(setup.out), disable_tqdm=True)

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from kronfluence_bif.threads import set_threads
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -40,7 +42,7 @@ def worker(opts: argparse.Namespace) -> None:
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     logging.getLogger("kronfluence_bif").setLevel(logging.WARNING)
-    torch.set_num_threads(opts.threads)
+    set_threads(opts.threads)
     train, query = load_concrete()
     task = RegressionTask()
     model = make_mlp()

@@ -21,6 +21,7 @@ import torch
 from defaults_grid import LDSSetup, agreement
 
 from kronfluence_bif import Analyzer, BIFArguments, prepare_model
+from kronfluence_bif.threads import set_threads
 
 SETTINGS: Dict[str, Dict[str, Any]] = {
     "plain SGLD (sgld-notes)": {"sampler": "sgld", "step_size": 1e-4, "nbeta": 100.0, "localization": 1000.0},
@@ -46,7 +47,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache", default="./benchmark_results")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     setup = LDSSetup.load(args.task, args.retrains, args.cache)
     train, query, masks, out = setup.train, setup.query, setup.masks, setup.out
     model = prepare_model(setup.fit(train, 0), setup.task)

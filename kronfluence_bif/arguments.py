@@ -12,7 +12,7 @@ SAMPLERS = ("sgld", "rmsprop_sgld", "sketch_sgld")
 # step_size=None resolves to the sampler's default: sketch-SGLD's step is dimensionless, the others' are not
 DEFAULT_STEP_SIZES = {"sgld": 3e-4, "rmsprop_sgld": 3e-4, "sketch_sgld": 0.25}
 # fields that change how a run is executed, not its result: a rerun may change them (e.g. to resume differently)
-RUN_CONTROL_FIELDS = ("checkpoint_interval", "keep_checkpoints", "cache_batches")
+RUN_CONTROL_FIELDS = ("checkpoint_interval", "keep_checkpoints", "cache_batches", "num_threads")
 
 
 def _help(text: str, **kwargs: Any) -> Any:
@@ -114,6 +114,12 @@ class BIFArguments:
     keep_checkpoints: bool = _help(
         "Keep the checkpoints after the final scores are written (they are removed by default).", default=False
     )
+    num_threads: Optional[int] = _help(
+        "Intra-op CPU threads while sampling (the caller's count is restored after). None: an explicit "
+        "OMP_NUM_THREADS or torch.set_num_threads is kept; otherwise models with small matrix products sample on one "
+        "thread, which is as fast alone and does not collapse when other processes share the cores.",
+        default=None,
+    )
 
     def __post_init__(self) -> None:
         if self.step_size is None and self.sampler in DEFAULT_STEP_SIZES:
@@ -137,6 +143,13 @@ class BIFArguments:
         _check_int("num_burnin_steps", self.num_burnin_steps, minimum=0)
         _check_int("seed", self.seed, minimum=0)
         _check_int("checkpoint_interval", self.checkpoint_interval, minimum=0)
+        if self.num_threads is not None and (
+            isinstance(self.num_threads, bool) or not isinstance(self.num_threads, int) or self.num_threads < 1
+        ):
+            raise ValueError(
+                f"BIFArguments.num_threads must be None (choose automatically) or an integer >= 1, got "
+                f"{self.num_threads!r}."
+            )
         if self.num_chains * self.num_draws < 2:
             raise ValueError(
                 "BIFArguments needs at least 2 draws in total (num_chains * num_draws >= 2) to estimate a covariance, "

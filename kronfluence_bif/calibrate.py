@@ -62,13 +62,22 @@ class CalibrationResult:
                     ]
                 )
             )
+        reasons = [row for row in self.rows if row.get("reason")]
+        if reasons:
+            lines.append("\nWhy:")
+            lines.extend(
+                f"  step_size={row['step_size']:.3g}, nbeta={row['nbeta']:.3g}, localization={row['localization']:.3g}"
+                f" ({row['status']}): {row['reason']}"
+                for row in reasons
+            )
         if self.recommended is not None:
             r = self.recommended
             lines.append(
                 f"\nRecommended: step_size={r.step_size:g}, nbeta={r.nbeta:g}, localization={r.localization:g}"
             )
+            lines.extend(f"Note: {note}" for note in self.notes)
         else:
-            lines.append("\nNo setting was usable: " + " ".join(self.notes))
+            lines.append("\n" + " ".join(self.notes))
         return "\n".join(lines)
 
     def to_dict(self) -> Dict[str, Any]:
@@ -148,7 +157,18 @@ def calibrate(
                 rows.append({**row, "status": "invalid", "reason": str(exc)})
                 continue
             stream = MinibatchStream(source, args.sampler_batch_size)
-            engine = SamplingEngine(model, views, weights, stream, x, None, args, diagonal=True, disable_tqdm=True)
+            engine = SamplingEngine(
+                model,
+                views,
+                weights,
+                stream,
+                x,
+                None,
+                args,
+                diagonal=True,
+                disable_tqdm=True,
+                monitor=rows_idx.tolist(),
+            )
             if not checked:
                 engine.check_views()
                 checked = True
@@ -172,8 +192,13 @@ def _row_stats(result, args: BIFArguments) -> Dict[str, Any]:
     mean_loss = float(np.mean([c["mean_loss"] for c in result.chain_summaries]))
     ess = [c["ess_mean_train_loss"] for c in report["chains"] if math.isfinite(c["ess_mean_train_loss"])]
     sharp = report["sharpness"] or {}
+    first = {}  # one message per blocking code (the chains repeat it)
+    for warning in report["warnings"]:
+        if warning["code"] in blocking:
+            first.setdefault(warning["code"], warning["message"])
     return {
         "status": "blocked: " + ",".join(blocking) if blocking else "ok" + (f" ({','.join(codes)})" if codes else ""),
+        "reason": " ".join(first.values()) if first else None,
         "usable": not blocking,
         "warnings": codes,
         "step_size_times_lambda_max": sharp.get("step_size_times_lambda_max"),
@@ -183,10 +208,33 @@ def _row_stats(result, args: BIFArguments) -> Dict[str, Any]:
     }
 
 
+# what to change for each way a setting fails (the reasons in the table say the same for each row)
+ADVICE = {
+    "invalid": "invalid settings break the localization's stability limit: lower `step_size` or `localization`"
+    " (or raise `rmsprop_eps`)",
+    "diverged": "diverged chains need smaller step sizes, a smaller `nbeta` or a larger `localization`",
+    "exploding": "exploding chains need smaller step sizes, a smaller `nbeta` or a larger `localization`",
+    "sharpness": "too sharp for the step: try smaller step sizes",
+    "flat": "flat chains barely move: try larger step sizes",
+    "training": "training chains mean w* is not a minimum of the tempered loss: train further, lower `nbeta` or"
+    " raise `localization`",
+}
+
+
+def _advice(rows: List[Dict[str, Any]]) -> List[str]:
+    """What to change, from how the settings failed, in the order of ADVICE, each once."""
+    seen = set()
+    for row in rows:
+        status = row["status"]
+        seen.update(c for c in ADVICE if status == c or (status.startswith("blocked") and c in status))
+    hints = [ADVICE[c] for c in ADVICE if c in seen]
+    return ["No setting was usable: " + "; ".join(hints) + "." if hints else "No setting was usable."]
+
+
 def _recommend(rows: List[Dict[str, Any]], base: BIFArguments):
     usable = [r for r in rows if r.get("usable")]
     if not usable:
-        return None, ["every setting diverged or was flagged; try smaller step sizes or a larger localization."]
+        return None, _advice(rows)
     best = max(usable, key=lambda r: (r["step_size"], -(r["rhat"] if math.isfinite(r["rhat"]) else 1e9)))
     notes = []
     if best["step_size"] == max(r["step_size"] for r in rows):

@@ -4,7 +4,8 @@
     kronfluence-bif inspect runs/uci/scores_bif --query 3 --top 5
     kronfluence-bif diagnose runs/uci/scores_bif
 
-Exit status: 0 success, 1 a `compare` threshold failed, 2 bad usage or unreadable input (message on stderr).
+Exit status: 0 success; 1 a check failed (a `compare` threshold, `diagnose --strict` warnings, `calibrate` found
+no usable setting); 2 bad usage or unreadable input (message on stderr).
 """
 
 from __future__ import annotations
@@ -244,36 +245,86 @@ def _run_diagnose(args: argparse.Namespace) -> int:
     return 0
 
 
+FACTORY_CONTRACT = (
+    "a function with no arguments returning a dict with `model` (the trained nn.Module), `task` (its kronfluence "
+    "Task) and `train_dataset` (a map-style Dataset), optionally `base_args` (BIFArguments or a dict of its fields); "
+    "or a tuple (model, task, train_dataset)"
+)
+
+
+class FactoryError(ValueError):
+    """The calibrate factory could not be imported, called, or returned the wrong thing (exit 2)."""
+
+
+def _import_target(target: str) -> Any:
+    """The module of a FACTORY spec: a file path, or a module resolved from the current directory first."""
+    import importlib
+    import importlib.util
+    import os
+
+    if target.endswith(".py"):
+        path = Path(target).expanduser()
+        if not path.is_file():
+            raise FactoryError(f"no such file `{path}` (from the working directory `{os.getcwd()}`)")
+        module_spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.path.insert(0, str(path.resolve().parent))  # the file's siblings import as they would under `python`
+        module_spec.loader.exec_module(module)
+        return module
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as `python -m` does: modules of the current directory come first
+    try:
+        return importlib.import_module(target)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not (target == exc.name or target.startswith(exc.name + ".")):
+            raise  # a module the factory's module imports: the user's environment, reported with its traceback
+        raise FactoryError(
+            f"cannot import `{target}`: no module named `{exc.name}` in the working directory `{os.getcwd()}` or on "
+            f"sys.path. Run from the directory that holds `{target.split('.')[0]}`, or pass a file instead, e.g. "
+            f"`{PROG} calibrate path/to/{target.split('.')[-1]}.py:FUNCTION`."
+        ) from None
+
+
 def load_factory(spec: str) -> Dict[str, Any]:
     """`package.module:function` or `path/to/file.py:function`, called with no arguments.
 
     The function returns a dict with `model`, `task`, `train_dataset` (and optionally `base_args`, a
-    BIFArguments or a dict of its fields), or a tuple (model, task, train_dataset).
+    BIFArguments or a dict of its fields), or a tuple (model, task, train_dataset). Modules resolve from the
+    current directory first, as with `python -m`. Raises FactoryError (exit 2) with what to change.
     """
-    import importlib
-    import importlib.util
-
     target, sep, name = spec.rpartition(":")
     if not sep or not target or not name:
-        raise ValueError(f"expected MODULE:FUNCTION or FILE.py:FUNCTION, got {spec!r}")
-    if target.endswith(".py"):
-        path = Path(target).expanduser()
-        if not path.exists():
-            raise ValueError(f"no such file `{path}`")
-        module_spec = importlib.util.spec_from_file_location(path.stem, path)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-    else:
-        module = importlib.import_module(target)
+        raise FactoryError(
+            f"expected MODULE:FUNCTION or FILE.py:FUNCTION, got {spec!r}; FUNCTION is {FACTORY_CONTRACT}"
+        )
+    try:
+        module = _import_target(target)
+    except FactoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the user's module failed: show where, then exit 2
+        _print_user_traceback(exc)
+        raise FactoryError(f"importing `{target}` raised {type(exc).__name__}: {exc} (traceback above)") from None
     factory = getattr(module, name, None)
     if not callable(factory):
-        raise ValueError(f"`{target}` has no function `{name}`")
-    made = factory()
+        found = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))[:8]
+        raise FactoryError(f"`{target}` has no function `{name}`" + (f"; it defines {found}" if found else ""))
+    try:
+        made = factory()
+    except Exception as exc:  # noqa: BLE001 - the user's factory failed: show where, then exit 2
+        _print_user_traceback(exc)
+        raise FactoryError(f"`{spec}()` raised {type(exc).__name__}: {exc} (traceback above)") from None
     if isinstance(made, (tuple, list)) and len(made) == 3:
         made = dict(zip(("model", "task", "train_dataset"), made))
     if not isinstance(made, dict) or not {"model", "task", "train_dataset"} <= set(made):
-        raise ValueError(f"`{spec}` must return a dict with model, task and train_dataset, or such a tuple")
+        got = sorted(made) if isinstance(made, dict) else type(made).__name__
+        raise FactoryError(f"`{spec}` returned {got}; it must be {FACTORY_CONTRACT}")
     return made
+
+
+def _print_user_traceback(exc: BaseException) -> None:
+    import traceback
+
+    traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
 
 
 def _run_calibrate(args: argparse.Namespace) -> int:
@@ -306,7 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Compare, inspect and diagnose kronfluence / kronfluence-bif score folders.",
-        epilog="Exit status: 0 success, 1 a compare threshold failed, 2 bad usage or input.",
+        epilog="Exit status: 0 success; 1 a check failed (a compare threshold, diagnose --strict warnings, "
+        "calibrate found no usable setting); 2 bad usage or input.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -356,8 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="choose the SGLD step size from short chains",
         description="Run short BIF chains for a grid of step sizes (and optionally nbeta/localization) on a subset "
         "of the training data and recommend the largest step without blocking warnings. FACTORY is "
-        "MODULE:FUNCTION or FILE.py:FUNCTION returning {model, task, train_dataset[, base_args]}. Exit 1 when no "
-        "setting is usable.",
+        f"MODULE:FUNCTION (resolved from the current directory first, as with python -m) or FILE.py:FUNCTION: "
+        f"{FACTORY_CONTRACT}. Exit 1 when no setting is usable, 2 when FACTORY cannot be loaded.",
     )
     p.add_argument("factory", help="MODULE:FUNCTION or FILE.py:FUNCTION that builds the model, task and data")
     p.add_argument("--steps", type=float, nargs="+", default=None, help="step sizes (default: base x 0.1..10)")

@@ -1,7 +1,10 @@
 """The sampling phase: chains x draws of SGLD, evaluating every example at every kept draw.
 
 Per draw the engine evaluates the per-example values x (train losses of the scored examples) and y (query
-measurements, or the same examples' measurements for self scores) into one buffer row, and every
+measurements, or the same examples' measurements for self scores) into one buffer row. The chain's health trace
+`mean_train_loss` is the mean loss of the monitor rows, a fixed sample of the request's scored rows: taken from x
+when this job scores them all, evaluated apart (a data-partition job) otherwise, so every job of a request
+reports the same diagnostics. Every
 `draws_per_block` draws updates the float64 moments with one GEMM, checking for divergence at the same time
 (one host sync per block). Each chain keeps its own moments, checkpointed at block boundaries, and the
 process's chains are pooled at the end; processes then add their sums. The model leaves this module with
@@ -13,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -32,6 +35,7 @@ from kronfluence_bif.loss_views import LossViews, PerExampleView
 from kronfluence_bif.moments import CrossMoments
 from kronfluence_bif.parameters import SampledWeights
 from kronfluence_bif.sampler import SGLD, RMSpropSGLD, SketchSGLD
+from kronfluence_bif.threads import choose_threads, using_threads
 
 TQDM_BAR_FORMAT = (
     "{desc} [{n_fmt}/{total_fmt}] {percentage:3.0f}%|{bar}{postfix} [time left: {remaining}, time spent: {elapsed}]"
@@ -45,6 +49,22 @@ TRACE_NAMES = (
     "noise_step_norm",  # |sqrt(eps G) xi|: the injected noise
 )
 NORM_TRACES = TRACE_NAMES[3:]
+# scored training examples whose mean loss is a chain's mean_train_loss trace (its health): all up to this many
+MONITOR_ROWS = 512
+
+
+def monitor_rows(scored: Sequence[int], seed: int) -> List[int]:
+    """The training rows traced by `mean_train_loss`: the request's scored rows (all of them, before data
+    partitions) up to MONITOR_ROWS, else a sample of them seeded by `seed` only.
+
+    They do not depend on which partition a job computes (or on column blocks), so the traces, R-hat and warnings
+    are a property of the chains: identical in every partition job and in the unpartitioned run.
+    """
+    scored = [int(r) for r in scored]
+    if len(scored) <= MONITOR_ROWS:
+        return scored
+    generator = torch.Generator().manual_seed(chain_seed(seed, 0) ^ 0x3017)
+    return sorted(scored[int(i)] for i in torch.randperm(len(scored), generator=generator)[:MONITOR_ROWS])
 
 
 def chain_seed(seed: int, chain: int) -> int:
@@ -95,6 +115,7 @@ class _Layout:
 
     n_x: int
     n_y: int
+    n_m: int  # monitor columns evaluated apart (0 when this job scores every monitor row)
     dim_x: int
     dim_y: int
     mine: Optional[set]  # (side, batch) units this process evaluates; None: all of them
@@ -119,7 +140,9 @@ class SamplingEngine:
         disable_tqdm: bool = False,
         state: Optional[ProcessState] = None,
         checkpoints: Optional[CheckpointStore] = None,
+        monitor: Optional[List[int]] = None,
     ) -> None:
+        """`monitor`: the training rows whose mean loss traces each chain (default: `monitor_rows` of x's rows)."""
         self.model = model
         self.views = views
         self.weights = weights
@@ -135,6 +158,19 @@ class SamplingEngine:
         self._checked_steps = 0
         self._sharpness: Optional[float] = None
         self._sketch: Optional[CurvatureSketch] = None
+        scored = self.x.batches.indices
+        scored = list(range(self.x.size)) if scored is None else scored
+        self._monitor_rows, self.monitor = self._monitor(
+            scored, monitor if monitor is not None else monitor_rows(scored, args.seed)
+        )
+
+    def _monitor(self, scored: List[int], rows: List[int]) -> Tuple[Optional[torch.Tensor], Optional[Side]]:
+        """x's rows holding the monitor rows when this job scores them all; else a Side evaluating them apart (with
+        x's own view, so the values are computed exactly as in a job that scores them)."""
+        position = {r: i for i, r in enumerate(scored)}
+        if all(r in position for r in rows):
+            return torch.tensor([position[r] for r in rows], dtype=torch.long, device=self.device), None
+        return None, Side(self.stream.source.batches(rows, self.x.batches.batch_size), self.x.view)
 
     # ------------------------------------------------------------------ evaluation
     def _autocast(self):
@@ -146,7 +182,8 @@ class SamplingEngine:
         return [self.x] if self.y is None else [self.x, self.y]
 
     def _evaluate(self, row: torch.Tensor, mine: Optional[set]) -> None:
-        """Per-example values of both sides into `row` [n_x + n_y]; only this process's batches when sharded."""
+        """Per-example values of both sides (only this process's batches when sharded), then of the monitor rows
+        (every process), into `row` [n_x + n_y + n_m]."""
         offset = 0
         with torch.inference_mode(), self._autocast():
             for s, side in enumerate(self._sides()):
@@ -156,20 +193,27 @@ class SamplingEngine:
                         values = side.view(batch, self.model)
                         row[offset : offset + size] = values.reshape(-1)
                     offset += size
+            if self.monitor is not None:
+                for batch in self.monitor.batches:
+                    values = self.monitor.view(batch, self.model).reshape(-1)
+                    row[offset : offset + values.numel()] = values
+                    offset += values.numel()
 
     def check_views(self) -> None:
         """The per-example contract on the first batch of each side, at w*, in full precision."""
+        names = ["train_dataset", "train_dataset" if self.diagonal else "query_dataset"]
         with torch.inference_mode():
-            for side in self._sides():
-                side.view.check(side.batches.first(), self.model)
+            for side, name in zip(self._sides(), names):
+                side.view.check(side.batches.first(), self.model, dataset=name)
 
     def _layout(self, plan: WorkPlan) -> _Layout:
         n_x = self.x.columns
         n_y = self.y.columns if self.y is not None else 0
+        n_m = self.monitor.columns if self.monitor is not None else 0
         dim_x = reduced_dim(self.x, n_x)
         dim_y = dim_x if self.y is None else reduced_dim(self.y, n_y)
         if plan.num_shards == 1:
-            return _Layout(n_x, n_y, dim_x, dim_y, None, [], None)
+            return _Layout(n_x, n_y, n_m, dim_x, dim_y, None, [], None)
         units, columns, offset = [], [], 0
         for s, side in enumerate(self._sides()):
             for b, size in enumerate(side.batch_sizes()):
@@ -179,7 +223,8 @@ class SamplingEngine:
         parts = split_evenly([c.numel() for c in columns], plan.num_shards)
         gather = [torch.cat([columns[u] for u in part]) if part else torch.empty(0, dtype=torch.long) for part in parts]
         own = torch.tensor(np.array_split(np.arange(dim_x), plan.num_shards)[plan.shard], dtype=torch.long)
-        return _Layout(n_x, n_y, dim_x, dim_y, {units[u] for u in parts[plan.shard]}, gather, own.to(self.device))
+        mine = {units[u] for u in parts[plan.shard]}
+        return _Layout(n_x, n_y, n_m, dim_x, dim_y, mine, gather, own.to(self.device))
 
     # ------------------------------------------------------------------ sampling
     def _make_sampler(self, chain: int) -> SGLD:
@@ -285,17 +330,31 @@ class SamplingEngine:
         losses[index] = loss.detach()
 
     def run(self) -> SamplingResult:
-        """This process's chains, then the pooled moments, traces and summaries of all processes."""
+        """This process's chains, then the pooled moments, traces and summaries of all processes.
+
+        Runs with the thread count of `kronfluence_bif.threads.choose_threads`; the caller's is restored after.
+        """
+        self.weights.reset()
+        choice = choose_threads(
+            self.args.num_threads,
+            self.device,
+            lambda: self.views.summed_train_loss(self.x.batches.first(), self.model),
+        )
+        logger.info("Sampling with %d CPU thread(s): %s.", choice.threads, choice.reason)
+        with using_threads(choice.threads):
+            return self._run()
+
+    def _run(self) -> SamplingResult:
         args = self.args
         plan = self.state.plan(args.num_chains)
         self.state.make_groups(plan)
         self._plan = plan
         self._lay = lay = self._layout(plan)
         f32 = {"dtype": torch.float32, "device": self.device}
-        shift = torch.empty(lay.n_x + lay.n_y, **f32)
+        shift = torch.empty(lay.n_x + lay.n_y + lay.n_m, **f32)
         self.weights.reset()  # the shift is the value at w*, whatever ran before (column blocks share the y sums)
         self._evaluate(shift, None)
-        init_mean = float(self._mean_x(shift[None, : lay.n_x])[0]) if lay.n_x else 0.0
+        init_mean = float(self._monitor_mean(shift[None])[0])
         if not math.isfinite(init_mean) or not bool(torch.isfinite(shift).all()):
             raise SamplerDivergenceError(
                 "The losses/measurements at the trained weights w* are not finite; BIF cannot start. "
@@ -308,7 +367,7 @@ class SamplingEngine:
         self._scale = max(init_mean, thermal)
         self._limit = args.divergence_loss_ratio * self._scale if self._scale > 0 else math.inf
         self._shift = shift.double()
-        self._buffer = torch.empty(args.draws_per_block, lay.n_x + lay.n_y, **f32)
+        self._buffer = torch.empty(args.draws_per_block, lay.n_x + lay.n_y + lay.n_m, **f32)
         self._step_losses = torch.empty(args.num_burnin_steps + args.num_draws * args.draw_interval, **f32)
         traces = {
             name: torch.zeros(args.num_chains, args.num_draws, dtype=torch.float64, device=self.device)
@@ -327,7 +386,8 @@ class SamplingEngine:
             disable=self.disable_tqdm or not self.state.is_main_process,
         )
         # the main process advances the bar for its whole group's share, so the ETA covers every process
-        self._bar, self._bar_scale = bar, args.num_chains / len(plan.chains)
+        scale = args.num_chains / len(plan.chains)
+        self._bar, self._bar_scale = bar, int(scale) if scale.is_integer() else scale  # "32/1600", not "32.0/1600"
         total: Optional[CrossMoments] = None
         summaries: List[Dict[str, Any]] = []
         error: Optional[BaseException] = None
@@ -455,8 +515,18 @@ class SamplingEngine:
                 raise RuntimeError(f"Process {rank} of this evaluation group failed on chain {chain}: {message}")
 
     def _mean_x(self, values: torch.Tensor) -> torch.Tensor:
-        """Mean over train examples of their value (per-token values summed per example) for each draw."""
+        """Mean over the scored train examples of their value (per-token values summed per example), per draw."""
         return values.double().sum(1) / max(self.x.size, 1)
+
+    def _monitor_mean(self, block: torch.Tensor) -> torch.Tensor:
+        """Mean loss of the monitor rows (per-token values summed per example) for each draw of a
+        [k, n_x + n_y + n_m] block: the chain's health trace."""
+        k, width = block.shape[0], self.x.width
+        if self._monitor_rows is not None:
+            values = block[:, : self._lay.n_x].reshape(k, -1, width)[:, self._monitor_rows]
+        else:
+            values = block[:, self._lay.n_x + self._lay.n_y :].reshape(k, -1, width)
+        return values.double().sum(-1).mean(1)
 
     def _mean_y(self, values: torch.Tensor) -> torch.Tensor:
         """Mean over queries of the (sequence) measurement: column 0 of each query's [1 + T] values."""
@@ -497,18 +567,18 @@ class SamplingEngine:
         lay = self._lay
         block = self._buffer[:filled]
         self.state.all_gather_columns(block, lay.gather_columns, self._plan.group_ranks)
-        bx, by = block[:, : lay.n_x], block[:, lay.n_x :]
-        mean_x = self._mean_x(bx)
-        self._raise_if_diverged(mean_x, block, chain, first)
-        traces["mean_train_loss"][chain, first : first + filled] = mean_x
-        traces["mean_measurement"][chain, first : first + filled] = self._mean_y(by) if lay.n_y else mean_x
+        bx, by = block[:, : lay.n_x], block[:, lay.n_x : lay.n_x + lay.n_y]
+        mean_loss = self._monitor_mean(block)
+        self._raise_if_diverged(mean_loss, block, chain, first)
+        traces["mean_train_loss"][chain, first : first + filled] = mean_loss
+        traces["mean_measurement"][chain, first : first + filled] = self._mean_y(by) if lay.n_y else self._mean_x(bx)
         x = bx.double() - self._shift[: lay.n_x]
         if self.x.reduce is not None:
             x = self.x.reduce(x)
         if self.y is None:
             y = x
         else:
-            y = by.double() - self._shift[lay.n_x :]
+            y = by.double() - self._shift[lay.n_x : lay.n_x + lay.n_y]
             if self.y.reduce is not None:
                 y = self.y.reduce(y)
         if lay.own is not None:

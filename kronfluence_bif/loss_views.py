@@ -39,6 +39,33 @@ def _is_batched(leaf: Any, size: int) -> bool:
     return isinstance(leaf, torch.Tensor) and leaf.dim() > 0 and leaf.shape[0] == size
 
 
+def describe_batch(batch: Any, limit: int = 4) -> str:
+    """The leaves of a batch as `tensor[8, 5] float32, tensor[8] int64` (for error messages)."""
+    leaves, _ = tree_flatten(batch)
+    parts = [
+        f"tensor{list(leaf.shape)} {str(leaf.dtype).replace('torch.', '')}"
+        if isinstance(leaf, torch.Tensor)
+        else type(leaf).__name__
+        for leaf in leaves[:limit]
+    ]
+    return ", ".join(parts) + (f", ... ({len(leaves)} leaves)" if len(leaves) > limit else "")
+
+
+def first_call(fn: Callable[[], Any], method: str, dataset: str, batch: Any) -> Any:
+    """Call a Task method on a dataset's first batch; a failure becomes a TaskContractError naming both."""
+    try:
+        return fn()
+    except TaskContractError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - re-raised with what failed where, the original chained
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise TaskContractError(
+            f"{method} failed on the first batch of `{dataset}` ({type(exc).__name__}: {first}). That batch holds "
+            f"{describe_batch(batch)}: check that `{dataset}` yields examples of the form (feature width, dtypes, "
+            "label type) the model and the Task expect, e.g. the same as the training data."
+        ) from exc
+
+
 def _overrides(task: Any, name: str) -> bool:
     """True when the task defines `name` itself (not the NotImplementedError stub of BIFTask)."""
     method = getattr(type(task), name, None)
@@ -97,10 +124,17 @@ class PerExampleView:
         return torch.stack(values)
 
     # ------------------------------------------------------------------ contract check
-    def check(self, batch: Any, model: nn.Module) -> None:
-        """Raise `TaskContractError` unless the per-example values have shape [B] and sum to the scalar method."""
+    def check(self, batch: Any, model: nn.Module, dataset: str = "the dataset") -> None:
+        """Raise `TaskContractError` unless the per-example values have shape [B] and sum to the scalar method.
+
+        The scalar method runs first, plainly: a batch that does not fit the model fails there, named, before any
+        vmap attempt or loop fallback.
+        """
         size = batch_size(batch)
-        values = self(batch, model)
+        name = type(self.task).__name__
+        scalar = first_call(lambda: self.scalar_fn(batch, model), f"`{name}.{self.scalar_name}`", dataset, batch)
+        method = f"`{name}.{self.per_example_name}`" if self.mode == "method" else f"`{name}.{self.scalar_name}`"
+        values = first_call(lambda: self(batch, model), method, dataset, batch)
         source = (
             f"`{type(self.task).__name__}.{self.per_example_name}`"
             if self.mode == "method"
@@ -112,7 +146,6 @@ class PerExampleView:
                 f"{source} must return a tensor of shape [batch_size] = [{size}], got {shape}. "
                 "Return one value per example (reduce over tokens/outputs, not over the batch)."
             )
-        scalar = self.scalar_fn(batch, model)
         if not isinstance(scalar, torch.Tensor) or scalar.numel() != 1:
             raise TaskContractError(
                 f"`{type(self.task).__name__}.{self.scalar_name}` must return a scalar tensor (the sum over the batch)."
@@ -121,16 +154,34 @@ class PerExampleView:
         scalar64 = scalar.double().reshape(())
         tol = 1e-4 * (values.double().abs().sum() + scalar64.abs()) + 1e-6
         if not torch.isfinite(total) or not torch.isfinite(scalar64) or (total - scalar64).abs() > tol:
-            hint = ""
             ratio = float(total / scalar64) if float(scalar64) != 0 else float("nan")
-            if size > 1 and abs(ratio - size) < 1e-3 * size:
-                hint = " The ratio equals the batch size: the scalar method seems to average; kronfluence expects sums."
+            averages = size > 1 and abs(ratio - size) < 1e-3 * size
             raise TaskContractError(
-                f"{source} sum to {float(total):.6g} on the first batch, but "
-                f"`{type(self.task).__name__}.{self.scalar_name}` returned {float(scalar64):.6g}.{hint} "
-                f"Make `{self.per_example_name}` return per-example values that sum to `{self.scalar_name}`."
+                f"{source} sum to {float(total):.6g} on the first batch of {size} examples, but "
+                f"`{type(self.task).__name__}.{self.scalar_name}` returned {float(scalar64):.6g}. "
+                + self._mismatch_fix(averages)
             )
         self.checked = True
+
+    def _mismatch_fix(self, averages: bool) -> str:
+        """What to change when the per-example values do not sum to the scalar method (see `check`)."""
+        scalar = f"`{type(self.task).__name__}.{self.scalar_name}`"
+        if averages:
+            return (
+                f"That is 1/batch_size of the sum: {scalar} averages over the batch, but kronfluence expects the "
+                'sum (its EK-FAC scores assume it too). Use reduction="sum" in it, e.g. '
+                'F.mse_loss(outputs, targets, reduction="sum") or F.cross_entropy(logits, labels, reduction="sum").'
+            )
+        if self.mode == "method":
+            return (
+                f"Make `{self.per_example_name}` return per-example values that sum to `{self.scalar_name}` (one of "
+                "the two computes a different loss)."
+            )
+        return (
+            f"{scalar} is not a sum of per-example terms on this batch (batch statistics, e.g. BatchNorm in train "
+            "mode, or a normalization by the batch?). Make it return the sum over the batch of per-example values, "
+            f"or define `{self.per_example_name}(batch, model)` (see kronfluence_bif.BIFTask)."
+        )
 
 
 class PerTokenView:
@@ -158,10 +209,11 @@ class PerTokenView:
             )
         return values
 
-    def check(self, batch: Any, model: nn.Module) -> None:
+    def check(self, batch: Any, model: nn.Module, dataset: str = "the dataset") -> None:
         """[B, T] values whose rows sum to the per-example values of the same examples."""
         size = batch_size(batch)
-        values = getattr(self.task, self.name)(batch, model)
+        method = getattr(self.task, self.name)
+        values = first_call(lambda: method(batch, model), f"`{type(self.task).__name__}.{self.name}`", dataset, batch)
         if not isinstance(values, torch.Tensor) or values.dim() != 2 or values.shape[0] != size:
             shape = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
             raise TaskContractError(
@@ -199,10 +251,10 @@ class SequenceAndTokens:
         tokens = self.tokens(batch, model)  # one forward: the checked contract makes the row sums the sequence values
         return torch.cat([tokens.sum(1, keepdim=True), tokens], dim=1)
 
-    def check(self, batch: Any, model: nn.Module) -> None:
-        self.sequence.check(batch, model)
+    def check(self, batch: Any, model: nn.Module, dataset: str = "the dataset") -> None:
+        self.sequence.check(batch, model, dataset)
         if self.tokens is not None:
-            self.tokens.check(batch, model)
+            self.tokens.check(batch, model, dataset)
 
 
 class LossViews:

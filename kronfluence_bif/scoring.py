@@ -24,7 +24,7 @@ from kronfluence_bif.compare import jsonable
 from kronfluence_bif.data import DatasetOnDevice, MinibatchStream
 from kronfluence_bif.diagnostics import merge_module_reports, summarize
 from kronfluence_bif.distributed import ProcessState, process_state, unwrap_model
-from kronfluence_bif.engine import SamplingEngine, SamplingResult, Side, reduced_dim
+from kronfluence_bif.engine import SamplingEngine, SamplingResult, Side, monitor_rows, reduced_dim
 from kronfluence_bif.logs import logger, warn_once
 from kronfluence_bif.loss_views import LossViews
 from kronfluence_bif.parameters import SampledWeights, module_units, select_parameters
@@ -423,15 +423,14 @@ class BIFScorer:
         x = Side(train_data.batches(train_rows, eval_bs), x_view, x_reduce)
         y: Optional[Side] = None
         if req.kind == "pairwise":
+            # queries are forwards only, like the training examples: evaluate them in batches as large as those
+            # (fewer, larger kernels per draw); per_device_query_batch_size bounds EK-FAC's query gradients
+            query_bs = max(req.per_device_query_batch_size, eval_bs)
             query_data = DatasetOnDevice(
-                req.query_dataset,
-                req.per_device_query_batch_size,
-                req.dataloader_params,
-                device,
-                cache=bif_args.cache_batches,
+                req.query_dataset, query_bs, req.dataloader_params, device, cache=bif_args.cache_batches
             )
             y_view = views.measurement_tokens(bif_args.token_by_token) if per_token else views.measurement
-            y_batches = query_data.batches(req.query_indices, req.per_device_query_batch_size)
+            y_batches = query_data.batches(req.query_indices, query_bs)
             y = Side(y_batches, y_view)
             if args.aggregate_query_gradients:  # sum over queries, keeping each query's [1 + T] values apart
                 y.reduce = lambda v, side=y: v.reshape(v.shape[0], -1, side.width).sum(1)
@@ -465,6 +464,9 @@ class BIFScorer:
             }
             return CheckpointStore(out, name, fingerprint(content), plan.shard, plan.num_shards)
 
+        # the health trace follows the request's scored rows, not this job's partition: the same in every job
+        scored = range(n_train) if req.train_indices is None else req.train_indices
+        monitor = monitor_rows(scored, bif_args.seed)
         with SampledWeights(self.model, params) as weights:
 
             def engine_for(x_side: Side, checkpoints: Optional[CheckpointStore]) -> SamplingEngine:
@@ -481,6 +483,7 @@ class BIFScorer:
                     disable_tqdm=self.disable_tqdm,
                     state=state,
                     checkpoints=checkpoints,
+                    monitor=monitor,
                 )
 
             engine = engine_for(x, store(tag))

@@ -183,3 +183,81 @@ def test_undefined_statistics_are_written_as_null(tmp_path):
     BIFScorer._write_diagnostics(tmp_path, result, BIFArguments())
     report = json.loads((tmp_path / storage.BIF_DIAGNOSTICS_FILE).read_text(), parse_constant=_reject)
     assert report["rhat_mean_train_loss"] is None and report["chains"][0]["ess_mean_train_loss"] is None
+
+
+def _fitted_bif(tmp_path, model, train, **bif):
+    """An Analyzer "p" with BIF factors "f" (sampler_batch_size 8, no checkpoints) on a plain regression Task."""
+    task = PlainRegressionTask()
+    args = BIFArguments(sampler_batch_size=8, checkpoint_interval=0, **bif)
+    analyzer = Analyzer(
+        "p", prepare_model(model, task), task, cpu=True, output_dir=str(tmp_path), disable_tqdm=True, strategy="bif"
+    )
+    analyzer.fit_all_factors("f", dataset=train, bif_args=args)
+    return analyzer
+
+
+@pytest.mark.parametrize("monitored", [None, 20])  # every training row, or a seeded sample of 20 of the 48
+def test_partition_jobs_report_the_diagnostics_of_the_full_run(
+    tmp_path, trained_mlp, small_data, monkeypatch, monitored
+):
+    """The health trace is the chains', not the scored columns': each partition job writes the full run's numbers."""
+    from kronfluence.arguments import ScoreArguments
+
+    from kronfluence_bif import engine
+
+    if monitored is not None:
+        monkeypatch.setattr(engine, "MONITOR_ROWS", monitored)
+    train, query = small_data
+    analyzer = _fitted_bif(tmp_path, trained_mlp, train, num_chains=2, num_draws=40, num_burnin_steps=5)
+    kw = dict(query_dataset=query, train_dataset=train, per_device_query_batch_size=4, per_device_train_batch_size=8)
+    folders = {}
+
+    def report(name):
+        out = tmp_path / "p" / f"scores_{name}"
+        return storage.load_json(out / storage.BIF_DIAGNOSTICS_FILE), storage.load_tensors(
+            out / storage.BIF_TRACES_FILE
+        )
+
+    analyzer.compute_pairwise_scores("full", "f", **kw)
+    folders["full"] = report("full")
+    for p in (0, 1):
+        analyzer.compute_pairwise_scores(
+            f"job{p}", "f", score_args=ScoreArguments(data_partitions=2), target_data_partitions=[p], **kw
+        )
+        folders[p] = report(f"job{p}")
+    full, full_traces = folders["full"]
+    assert np.isfinite(full["rhat_mean_train_loss"])
+    for p in (0, 1):
+        diagnostics, traces = folders[p]
+        assert diagnostics["rhat_mean_train_loss"] == pytest.approx(full["rhat_mean_train_loss"], rel=1e-6)
+        assert [w["code"] for w in diagnostics["warnings"]] == [w["code"] for w in full["warnings"]]
+        for chain, reference in zip(diagnostics["chains"], full["chains"]):
+            assert chain.keys() == reference.keys()
+            for key, value in reference.items():
+                assert chain[key] == pytest.approx(value, rel=1e-6), key
+        for name, trace in full_traces.items():
+            torch.testing.assert_close(traces[name], trace, rtol=1e-6, atol=0.0)
+
+
+def test_an_unpartitioned_run_reads_the_health_trace_from_its_scored_rows(
+    tmp_path, trained_mlp, small_data, monkeypatch
+):
+    """Scoring a subset against the full posterior costs no extra evaluation for the trace (the subset is traced)."""
+    from kronfluence_bif.engine import SamplingEngine
+
+    seen = []
+    original = SamplingEngine._monitor
+
+    def spy(self, scored, rows):
+        found = original(self, scored, rows)
+        seen.append((list(rows), found[1] is None))
+        return found
+
+    monkeypatch.setattr(SamplingEngine, "_monitor", spy)
+    train, query = small_data
+    analyzer = _fitted_bif(tmp_path, trained_mlp, train, num_chains=1, num_draws=8, num_burnin_steps=2)
+    rows = [3, 7, 11, 30]
+    analyzer.compute_pairwise_scores(
+        "s", "f", query_dataset=query, train_dataset=train, per_device_query_batch_size=4, train_indices=rows
+    )
+    assert seen == [(rows, True)]

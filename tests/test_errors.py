@@ -34,6 +34,7 @@ INVALID_FIELDS = [
     ("divergence_loss_ratio", 0.5),
     ("draws_per_block", 0),
     ("cache_batches", None),
+    ("num_threads", 0),
 ]
 
 
@@ -175,7 +176,7 @@ class MeanTask(PlainRegressionTask):
             DisagreeingTask,
             r"`DisagreeingTask.compute_per_example_train_loss` sum to .* but `DisagreeingTask.compute_tr",
         ),
-        (MeanTask, "seems to average; kronfluence expects sums"),
+        (MeanTask, r'`MeanTask.compute_train_loss` averages over the batch.* Use reduction="sum" in it'),
     ],
 )
 def test_per_example_contract_is_checked(tmp_path, task_cls, match):
@@ -190,6 +191,64 @@ def test_per_example_contract_is_checked(tmp_path, task_cls, match):
             "s", "f", query_dataset=make_regression(6), train_dataset=make_regression(32), per_device_query_batch_size=4
         )
     assert not (tmp_path / "c" / "scores_s" / "pairwise_scores.safetensors").exists()
+
+
+def test_a_plain_task_that_averages_is_told_to_sum_not_to_define_per_example_methods():
+    task = MeanTask()
+    view = LossViews(task).train
+    model = _prepared(task)  # trains: outside inference mode
+    with pytest.raises(TaskContractError) as info, torch.inference_mode():
+        view.check(make_regression(8).tensors, model)
+    message = str(info.value)
+    assert "first batch of 8 examples" in message and 'reduction="sum"' in message
+    assert "compute_per_example_train_loss" not in message  # a plain kronfluence Task never defined it
+
+
+def _classifier_data(n, labels):
+    g = torch.Generator().manual_seed(0)
+    return TensorDataset(torch.randn(n, 6, generator=g), labels)
+
+
+@pytest.mark.parametrize(
+    "task_name, query, method, holds",
+    [
+        (
+            "plain",
+            TensorDataset(torch.randn(6, 5), torch.randn(6, 1)),
+            "PlainRegressionTask.compute_measurement",
+            "tensor[6, 5] float32, tensor[6, 1] float32",
+        ),
+        (
+            "classification",
+            _classifier_data(6, torch.rand(6)),
+            "ClassificationTask.compute_measurement",
+            "tensor[6, 6] float32, tensor[6] float32",
+        ),
+    ],
+)
+def test_a_query_dataset_that_does_not_fit_is_named_before_any_fallback(
+    tmp_path, caplog, task_name, query, method, holds
+):
+    import logging
+
+    from kronfluence_bif import ClassificationTask
+
+    if task_name == "plain":
+        task, model, train = PlainRegressionTask(), _prepared(PlainRegressionTask()), make_regression(16)
+    else:
+        task = ClassificationTask()
+        model = prepare_model(torch.nn.Sequential(torch.nn.Linear(6, 3)), task)
+        train = _classifier_data(16, torch.randint(0, 3, (16,)))
+    analyzer = Analyzer("q", model, task, cpu=True, output_dir=str(tmp_path), disable_tqdm=True, strategy="bif")
+    analyzer.fit_all_factors("f", dataset=train, bif_args=FAST)
+    with caplog.at_level(logging.INFO, logger="kronfluence_bif"), pytest.raises(TaskContractError) as info:
+        analyzer.compute_pairwise_scores(
+            "s", "f", query_dataset=query, train_dataset=train, per_device_query_batch_size=6
+        )
+    message = str(info.value)
+    assert f"`{method}` failed on the first batch of `query_dataset`" in message and holds in message
+    logged = [r.getMessage() for r in caplog.records]
+    assert not [m for m in logged if "falling back" in m or "compute_measurement" in m]  # no vmap attempt, no loop
 
 
 class ControlFlowTask(PlainRegressionTask):

@@ -180,6 +180,22 @@ class _Checker(html.parser.HTMLParser):
         assert self.stack and self.stack.pop() == tag, f"unbalanced </{tag}>"
 
 
+def _render(tmp_path, tokenizer, a, per_token, token_scores, **kwargs):
+    """tokens.html of the synthetic arrays, the top 2 training sequences per query."""
+    return tiny_lm.render_influence_html(
+        tmp_path / "tokens.html",
+        tokenizer,
+        a["query_ids"],
+        a["query_labels"],
+        a["train_ids"],
+        a["train_mask"],
+        per_token,
+        token_scores,
+        top_k=2,
+        **kwargs,
+    )
+
+
 def test_renders_png_and_html_on_synthetic_arrays(tmp_path):
     tokenizer, a, scores, per_token = synthetic()
     png = tiny_lm.plot_token_heatmaps(
@@ -194,17 +210,7 @@ def test_renders_png_and_html_on_synthetic_arrays(tmp_path):
     )
     assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 1000
     for token_scores in (scores, None):
-        page = tiny_lm.render_influence_html(
-            tmp_path / "tokens.html",
-            tokenizer,
-            a["query_ids"],
-            a["query_labels"],
-            a["train_ids"],
-            a["train_mask"],
-            per_token,
-            token_scores,
-            top_k=2,
-        )
+        page = _render(tmp_path, tokenizer, a, per_token, token_scores)
         text = page.read_text(encoding="utf-8")
         checker = _Checker()
         checker.feed(text)
@@ -233,11 +239,33 @@ def test_load_or_train_caches_the_weights(corpus, tmp_path, restore_threads):
     train_kwargs = {"steps": 3, "batch_size": 4, "disable_tqdm": True}
     model, stats = tiny_lm.load_or_train(tmp_path, tokenizer, split, model_kwargs, train_kwargs)
     assert stats.steps == 3 and np.isfinite(stats.heldout_loss)
-    again, cached = tiny_lm.load_or_train(tmp_path, tokenizer, split, model_kwargs, {"steps": 10**9})
+    again, cached = tiny_lm.load_or_train(tmp_path, tokenizer, split, model_kwargs, dict(train_kwargs))
     assert cached.cached and not stats.cached
     assert dataclasses.replace(cached, cached=False) == stats
     for p, q in zip(model.state_dict().values(), again.state_dict().values()):
         assert torch.equal(p, q)
+    # another recipe (here: more steps) is another model: trained again, not loaded
+    _, other = tiny_lm.load_or_train(tmp_path, tokenizer, split, model_kwargs, {**train_kwargs, "steps": 4})
+    assert not other.cached and other.steps == 4
+
+
+def test_training_defaults_to_a_fixed_number_of_steps(corpus, monkeypatch, restore_threads):
+    """No time budget unless asked: the same steps, hence the same weights, on a fast or a loaded machine."""
+    _, tokenizer, split = corpus
+    monkeypatch.setattr(tiny_lm, "DEFAULT_TRAIN_STEPS", 3)
+    args = tiny_lm.parse_args([])
+    assert args.steps is None and args.train_seconds is None  # -> DEFAULT_TRAIN_STEPS
+    ids = torch.tensor(tokenizer.encode(split.train_text[:5000]), dtype=torch.long)
+    runs = []
+    for _ in range(2):
+        model = tiny_lm.make_model(len(tokenizer), n_layer=1, n_embd=16, n_head=2, context=T, seed=0)
+        stats = tiny_lm.train_lm(model, ids, ids, context=T, batch_size=4, disable_tqdm=True)
+        assert stats.steps == 3 and stats.recipe["steps"] == 3 and stats.recipe["seconds"] is None
+        runs.append(model.state_dict())
+    for key, value in runs[0].items():
+        assert torch.equal(value, runs[1][key]), key
+    with pytest.raises(ValueError, match="not both"):
+        tiny_lm.train_lm(model, ids, ids, context=T, steps=2, seconds=1.0)
 
 
 def test_ekfac_per_token_path_and_bif_call(corpus, tmp_path):
@@ -274,3 +302,30 @@ def test_example_script_end_to_end(tmp_path, monkeypatch, capsys, restore_thread
     out = capsys.readouterr().out
     assert "EK-FAC per-token scores [2, 6, 24]" in out and "peak RSS" in out
     assert (tmp_path / "ekfac_tokens.html").exists() and (tmp_path / "model" / "model.safetensors").exists()
+
+
+def test_html_labels_its_boxes_and_says_when_the_chains_had_not_mixed(tmp_path):
+    import json
+
+    tokenizer, a, scores, per_token = synthetic()
+    folder = tmp_path / "scores_bif"
+    folder.mkdir()
+    assert tiny_lm.mixing_warning(folder) == ""  # no diagnostics: nothing to say
+    report = {
+        "chains": [{"chain": 0, "ess_mean_train_loss": 4.2}, {"chain": 1, "ess_mean_train_loss": 6.0}],
+        "rhat_mean_train_loss": 1.61,
+        "warnings": [{"code": "rhat", "chain": None, "message": "..."}],
+    }
+    (folder / "bif_diagnostics.json").write_text(json.dumps(report))
+    warning = tiny_lm.mixing_warning(folder)
+    assert "had not mixed (R-hat 1.61, about 4 effective draws per chain)" in warning
+    assert "When the diagnostics warn" in warning
+    page = _render(tmp_path, tokenizer, a, per_token, scores, warning=warning)
+    text = page.read_text(encoding="utf-8")
+    assert '<p class="warn">The BIF chains had not mixed' in text
+    top = tiny_lm.top_train_sequences(per_token, 0, 2)
+    assert f"<b>query 0</b>: each completion token coloured by the influence of train #{int(top[0])} on it" in text
+    assert f"<b>#1 train #{int(top[0])}</b>" in text and "its influence on the whole completion of query 0" in text
+    report["warnings"] = []
+    (folder / "bif_diagnostics.json").write_text(json.dumps(report))
+    assert tiny_lm.mixing_warning(folder) == ""

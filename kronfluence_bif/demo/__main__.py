@@ -18,6 +18,7 @@ import torch
 from kronfluence_bif import Analyzer, BIFArguments, FactorArguments, RegressionTask, prepare_model
 from kronfluence_bif.compare import compare
 from kronfluence_bif.demo.uci import load_concrete, train_mlp
+from kronfluence_bif.threads import set_threads, user_thread_setting
 
 COLUMNS = ["cement", "slag", "fly_ash", "water", "superplast", "coarse_agg", "fine_agg", "age"]
 
@@ -78,11 +79,20 @@ def main(argv: Optional[list] = None) -> None:
     parser.add_argument("--top", type=int, default=3, help="training rows printed per query and method")
     parser.add_argument("--epochs", type=int, default=100, help="training epochs of the MLP")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: 1 for this small MLP, whose kernels gain nothing from more and slow down when "
+        "the cores are shared; OMP_NUM_THREADS is kept)",
+    )
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)  # kronfluence's torch.cuda.amp deprecation notices
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     torch.manual_seed(0)
-    print("Training the UCI concrete MLP (8-128-128-128-1) on the shipped data ...")
+    threads = args.threads or (torch.get_num_threads() if user_thread_setting() else 1)
+    print(f"Training the UCI concrete MLP (8-128-128-128-1) on the shipped data ({threads} thread(s)) ...")
+    set_threads(threads)
     r = run_uci_ab(args.output_dir, epochs=args.epochs, disable_tqdm=args.quiet)
     ek, bif = r["ekfac"], r["bif"]
     print(f"\nScores: {ek.shape[0]} queries x {ek.shape[1]} training rows, in {args.output_dir}/uci/scores_*/")

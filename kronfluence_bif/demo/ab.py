@@ -46,6 +46,7 @@ from kronfluence_bif.demo.digits import load_digits_split, train_classifier
 from kronfluence_bif.demo.uci import load_concrete, train_mlp
 from kronfluence_bif.lds import LDSResult, SubsetRetrains, draw_subset_masks, linear_datamodeling_score, retrain_subsets
 from kronfluence_bif.logs import logger
+from kronfluence_bif.threads import set_threads
 
 # Methods scored through the one Analyzer: (factors/scores name, table label, kronfluence strategy).
 METHODS: Tuple[Tuple[str, str, str], ...] = (("ekfac", "EK-FAC", "ekfac"), ("identity", "identity", "identity"))
@@ -476,7 +477,7 @@ def main(argv: Optional[Sequence[str]] = None, task: Optional[str] = None) -> Di
     warnings.filterwarnings("ignore", category=FutureWarning)  # kronfluence's torch.cuda.amp deprecation notices
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logger.setLevel(logging.WARNING if args.quiet else logging.INFO)
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     problem = PROBLEMS[name]() if args.epochs is None else PROBLEMS[name](epochs=args.epochs)
     output_dir = args.output_dir or os.path.join("influence_results", name)
     summary = run_ab(problem, output_dir, args.retrains, args.bif_args, disable_tqdm=args.quiet)

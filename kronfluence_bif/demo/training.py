@@ -7,6 +7,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from kronfluence_bif.threads import choose_threads, using_threads
+
 
 def fit_minibatches(
     model: nn.Module,
@@ -20,7 +22,17 @@ def fit_minibatches(
     seed: int,
     cosine_schedule: bool = False,
 ) -> nn.Module:
-    """Reshuffled minibatches every epoch, deterministic for a given seed; returns the model in eval mode."""
+    """Reshuffled minibatches every epoch, deterministic for a given seed; returns the model in eval mode.
+
+    Thousands of small steps: trained on one thread when the model's matrix products are small (the rule of
+    `kronfluence_bif.threads`, which keeps an explicit thread setting), so a busy machine does not slow it down.
+    """
+    choice = choose_threads(None, x.device, lambda: model(x[:batch_size]))
+    with using_threads(choice.threads):
+        return _fit(model, x, y, loss_fn, epochs, lr, batch_size, weight_decay, seed, cosine_schedule)
+
+
+def _fit(model, x, y, loss_fn, epochs, lr, batch_size, weight_decay, seed, cosine_schedule) -> nn.Module:
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     steps = epochs * ((len(x) + batch_size - 1) // batch_size)
