@@ -9,18 +9,23 @@ in BENCHMARKS.md, "Shared CPU"). So, on CPU and unless the user chose a thread c
 - models whose matrix products are small (on average below `SMALL_MATMUL_FLOPS` per product in one forward of the
   first evaluation batch) sample with one thread, which is as fast when the machine is quiet and does not
   collapse when it is busy;
-- larger models keep torch's thread count, where the parallel speed-up outweighs the waits.
+- larger models use torch's thread count, but no more threads than there are idle cores when sampling starts
+  (measured over a quarter second): next to other CPU-bound work even 2e9-flop products ran 6x slower on two
+  threads than on one (BENCHMARKS.md). That choice depends on the machine's load, so pin `num_threads` when
+  runs must agree bitwise.
 
 The user's choice wins: `BIFArguments.num_threads`, else `OMP_NUM_THREADS` / `MKL_NUM_THREADS`, else a count set
 with `set_threads(k)`, else a `torch.set_num_threads(k)` made after kronfluence_bif was imported (one made before
-cannot be told from torch's default; use `set_threads` or `num_threads` then). The decision depends on shapes
-only, so a rerun (or a resumed run) uses the same count.
+cannot be told from torch's default; use `set_threads` or `num_threads` then). For small models the decision depends
+on shapes only, so a rerun (or a resumed run) uses the same count.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
@@ -104,6 +109,34 @@ def mean_matmul_flops(forward: Callable[[], Any]) -> Optional[float]:
     return flops.get_total_flops() / counter.calls
 
 
+def busy_cores(seconds: float = 0.25) -> Optional[float]:
+    """How many cores other work keeps busy now (Linux /proc/stat over `seconds`, else the 1-minute load)."""
+
+    def sample():
+        with open("/proc/stat") as stat:
+            fields = [int(v) for v in stat.readline().split()[1:9]]
+        return sum(fields), fields[3] + fields[4]  # all, idle + iowait
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+        return (os.cpu_count() or 1) * (1.0 - (idle1 - idle0) / max(total1 - total0, 1))
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return float(os.getloadavg()[0])
+    except (AttributeError, OSError):
+        return None
+
+
+def _available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
 def choose_threads(requested: Optional[int], device: torch.device, forward: Callable[[], Any]) -> ThreadChoice:
     """The sampling phase's intra-op thread count (see the module docstring)."""
     current = torch.get_num_threads()
@@ -125,6 +158,14 @@ def choose_threads(requested: Optional[int], device: torch.device, forward: Call
             f"small matrix products ({mean:.2g} flops each on average, below {SMALL_MATMUL_FLOPS:.0e}): one thread "
             "is as fast and does not slow down when other processes share the cores; set "
             "BIFArguments(num_threads=k) to override",
+        )
+    busy = busy_cores()
+    idle = None if busy is None else max(1, math.floor(_available_cores() - busy + 0.5))
+    if idle is not None and idle < current:
+        return ThreadChoice(
+            idle,
+            f"matrix products of {mean:.2g} flops each, but other work keeps {busy:.1f} cores busy: {idle} of "
+            f"torch's {current} threads, so no thread waits for a core; set BIFArguments(num_threads=k) to override",
         )
     return ThreadChoice(current, f"torch's setting (matrix products of {mean:.2g} flops each on average)")
 

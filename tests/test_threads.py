@@ -38,9 +38,21 @@ def test_small_model_samples_on_one_thread(default_threads):
     assert choice.threads == 1 and "small matrix products" in choice.reason and "num_threads" in choice.reason
 
 
-def test_large_matrix_products_keep_torchs_count(default_threads, monkeypatch):
+def test_large_matrix_products_use_the_idle_cores(default_threads, monkeypatch):
     monkeypatch.setattr(threads_module, "mean_matmul_flops", lambda forward: 10 * SMALL_MATMUL_FLOPS)
+    monkeypatch.setattr(threads_module, "_available_cores", lambda: 2)
+    monkeypatch.setattr(threads_module, "busy_cores", lambda: 0.1)  # a quiet machine: torch's count
     assert choose_threads(None, CPU, lambda: None).threads == 2
+    monkeypatch.setattr(threads_module, "busy_cores", lambda: 1.7)  # another process on a core: one thread
+    choice = choose_threads(None, CPU, lambda: None)
+    assert choice.threads == 1 and "other work keeps 1.7 cores busy" in choice.reason
+    monkeypatch.setattr(threads_module, "busy_cores", lambda: None)  # load unknown: torch's count
+    assert choose_threads(None, CPU, lambda: None).threads == 2
+
+
+def test_busy_cores_is_a_core_count():
+    busy = threads_module.busy_cores(0.05)
+    assert busy is None or 0.0 <= busy <= (threads_module.os.cpu_count() or 1) + 1e-9
 
 
 def test_the_users_choice_wins(default_threads, monkeypatch):
