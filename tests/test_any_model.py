@@ -222,14 +222,7 @@ def test_kronfluence_strategies_keep_kronfluences_error_plus_one_sentence(tmp_pa
 
 
 def test_prepare_model_on_a_bare_linear_root(tmp_path, caplog):
-    class Regression(Task):
-        def compute_train_loss(self, batch, model, sample=False):
-            x, y = batch
-            return F.mse_loss(model(x), y, reduction="sum")
-
-        def compute_measurement(self, batch, model):
-            return self.compute_train_loss(batch, model)
-
+    Regression = _Regression
     with caplog.at_level(logging.WARNING, logger="kronfluence_bif"):
         model = prepare_model(nn.Linear(3, 1), Regression())
     assert "nn.Sequential(model)" in caplog.text and type(model) is nn.Linear and not list(model.children())
