@@ -117,7 +117,8 @@ class BIFArguments:
     num_threads: Optional[int] = _help(
         "Intra-op CPU threads while sampling (the caller's count is restored after). None: an explicit "
         "OMP_NUM_THREADS or torch.set_num_threads is kept; otherwise models with small matrix products sample on one "
-        "thread, which is as fast alone and does not collapse when other processes share the cores.",
+        "thread (as fast alone, and no collapse when other processes share the cores), larger ones on torch's count "
+        "but at most the cores idle when sampling starts.",
         default=None,
     )
 

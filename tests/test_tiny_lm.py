@@ -318,7 +318,7 @@ def test_html_labels_its_boxes_and_says_when_the_chains_had_not_mixed(tmp_path):
     }
     (folder / "bif_diagnostics.json").write_text(json.dumps(report))
     warning = tiny_lm.mixing_warning(folder)
-    assert "had not mixed (R-hat 1.61, about 4 effective draws per chain)" in warning
+    assert "had not mixed (R-hat 1.61; about 4 effective draws per chain; warnings: rhat)" in warning
     assert "When the diagnostics warn" in warning
     page = _render(tmp_path, tokenizer, a, per_token, scores, warning=warning)
     text = page.read_text(encoding="utf-8")

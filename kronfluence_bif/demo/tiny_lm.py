@@ -749,10 +749,10 @@ def mixing_warning(scores_folder: Path) -> str:
     facts = ([f"R-hat {rhat:.2f}"] if rhat is not None else []) + (
         [f"about {min(ess):.0f} effective draws per chain"] if ess else []
     )
+    facts.append("warnings: " + ", ".join(sorted(codes)))
     return (
-        f"The BIF chains had not mixed ({', '.join(facts)}): these scores are rough, and rankings may change with "
-        "more draws. See README, 'When the diagnostics warn' (raise num_draws, or step_size within the calibrated "
-        "range)."
+        f"The BIF chains had not mixed ({'; '.join(facts)}): these scores are rough. What each warning means and "
+        "what to change: README, 'When the diagnostics warn'."
     )
 
 
