@@ -68,7 +68,7 @@ def test_module_partitions_split_modules_over_jobs_and_aggregate_as_kronfluence(
     split = ScoreArguments(compute_per_module_scores=True, module_partitions=2, data_partitions=2)
     for target in ([0], [1]):  # two jobs, one module partition each
         pairwise(analyzer, "split", "bif", train, query, score_args=split, target_module_partitions=target)
-    folder = tmp_path_of(analyzer) / "scores_split"
+    folder = analyzer.output_dir / "scores_split"
     names = sorted(p.name for p in folder.glob("pairwise_scores_data_partition*"))
     assert len(names) == 4
     assert set(KronfluenceAnalyzer.load_file(folder / names[0])) == {"0", "2"}  # kronfluence's split: [0, 2], [4]
@@ -107,7 +107,3 @@ def test_profile_writes_the_sampling_phase_summary(tmp_path):
     assert len(files) == 1
     text = files[0].read_text()
     assert "Sample BIF Pairwise Scores" in text and "Save BIF Pairwise Scores" in text
-
-
-def tmp_path_of(analyzer):
-    return analyzer.output_dir
