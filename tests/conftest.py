@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import logging
+import os
+import platform
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
 from kronfluence.task import Task
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -70,3 +75,36 @@ def assert_bitwise_equal(model: nn.Module, saved: dict) -> None:
     assert current.keys() == saved.keys()
     for key, value in saved.items():
         assert torch.equal(current[key], value), f"parameter {key} changed"
+
+
+# ---------------------------------------------------------------------------------------------- pinned numbers
+PINS = Path(__file__).parent / "data" / "pinned_scores.safetensors"
+RECORD_PINS = os.environ.get("KBIF_RECORD_PINS") == "1"
+
+
+def pin_environment() -> str:
+    """What bitwise equality of float kernels depends on: torch's build and the CPU code path it takes."""
+    return f"torch {torch.__version__.split('+')[0]} / {platform.machine()} / {torch.backends.cpu.get_cpu_capability()}"
+
+
+def check_pinned(key: str, value: torch.Tensor) -> None:
+    """`value` must equal the number recorded under `key` before the architecture refactor (issue 13).
+
+    Bitwise on the environment the pins were recorded in; elsewhere (another torch build or CPU code path, where
+    float kernels may round differently) within 1e-5 relative to the largest entry. `KBIF_RECORD_PINS=1` records.
+    """
+    value = value.detach().cpu().contiguous()
+    stored = load_file(str(PINS)) if PINS.exists() else {}
+    meta = safe_open(str(PINS), "pt").metadata() if PINS.exists() else {}
+    if RECORD_PINS:
+        stored[key] = value.clone()
+        save_file(stored, str(PINS), metadata={"environment": pin_environment()})
+        return
+    assert key in stored, f"no pinned value for {key!r}: record with KBIF_RECORD_PINS=1"
+    expected = stored[key]
+    assert value.shape == expected.shape and value.dtype == expected.dtype, key
+    if (meta or {}).get("environment") == pin_environment():
+        assert torch.equal(value, expected), f"{key}: not bitwise equal to the pinned scores"
+    else:
+        scale = expected.double().abs().max().clamp_min(1e-30)
+        assert float((value.double() - expected.double()).abs().max() / scale) < 1e-5, key

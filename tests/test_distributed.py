@@ -18,6 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from conftest import check_pinned
 from safetensors.torch import save_file
 
 from kronfluence_bif import storage
@@ -127,6 +128,8 @@ def test_two_processes_equal_one(data_dir, reference, tmp_path):
     run(2, data_dir, tmp_path)
     for kind in SCORE_DIRS:
         assert max_rel_diff(scores(tmp_path, kind), scores(reference, kind)) < 1e-5
+        check_pinned(f"one_process/{kind}", scores(reference, kind))
+        check_pinned(f"two_processes/{kind}", scores(tmp_path, kind))
         traces = storage.load_tensors(tmp_path / SCORE_DIRS[kind] / "bif_traces.safetensors")
         ref_traces = storage.load_tensors(reference / SCORE_DIRS[kind] / "bif_traces.safetensors")
         for name, value in ref_traces.items():

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import check_pinned
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -117,6 +118,9 @@ def test_per_token_layout_and_token_by_token_file(runs):
     assert full.shape == (3, T, 24, T)
     meta = storage.load_metadata(folder / "scores_tok" / "pairwise_scores.safetensors")
     assert meta["compute_per_token_scores"] == "True"
+    check_pinned("per_token/pairwise", tok)
+    check_pinned("per_token/token_by_token", full)
+    check_pinned("per_token/sequence", analyzer.load_pairwise_scores("seq")["all_modules"])
 
 
 def test_sum_over_tokens_equals_sequence_scores(runs):

@@ -7,7 +7,7 @@ import stat
 
 import pytest
 import torch
-from conftest import PlainRegressionTask, assert_bitwise_equal, state_copy
+from conftest import PlainRegressionTask, assert_bitwise_equal, check_pinned, state_copy
 
 from kronfluence_bif import Analyzer, BIFArguments, prepare_model, storage
 from kronfluence_bif.checkpoints import CHECKPOINT_DIR, CheckpointStore
@@ -72,6 +72,7 @@ def test_interrupted_run_resumes_bitwise(tmp_path, prepared, small_data, monkeyp
     monkeypatch.undo()
     resumed = _scores(tmp_path / "run", model, task, small_data, checkpoint_interval=16)
     assert torch.equal(resumed, reference)
+    check_pinned("resume/pairwise", resumed)
     assert not (folder / CHECKPOINT_DIR).exists()
 
 
