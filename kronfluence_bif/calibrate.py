@@ -22,14 +22,12 @@ from torch.utils import data
 from tqdm.auto import tqdm
 
 from kronfluence_bif.arguments import BIFArguments
-from kronfluence_bif.data import DatasetOnDevice, MinibatchStream
 from kronfluence_bif.diagnostics import BLOCKING_CODES, summarize
-from kronfluence_bif.distributed import unwrap_model
-from kronfluence_bif.engine import SamplingEngine, Side
+from kronfluence_bif.distributed import process_state, unwrap_model
 from kronfluence_bif.errors import SamplerDivergenceError
 from kronfluence_bif.logs import logger
-from kronfluence_bif.loss_views import LossViews
-from kronfluence_bif.parameters import SampledWeights, select_parameters
+from kronfluence_bif.parameters import SampledWeights
+from kronfluence_bif.problem import Problem, calibration_problem
 
 STEP_FACTORS = (0.1, 0.3, 1.0, 3.0, 10.0)
 
@@ -117,7 +115,8 @@ def calibrate(
 
     `step_sizes` defaults to `base_args.step_size` x (0.1, 0.3, 1, 3, 10); `nbetas` and `localizations`
     default to the base values. Settings that BIFArguments rejects (step x localization x max G >= 4) are
-    listed as invalid. The model is restored bitwise afterwards.
+    listed as invalid. The model is restored bitwise afterwards. Under torchrun / accelerate launch the grid is
+    split over the processes (each runs its settings' chains alone) and every process gets the whole result.
     """
     base = base_args if base_args is not None else BIFArguments()
     step_sizes = list(step_sizes) if step_sizes else [base.step_size * f for f in STEP_FACTORS]
@@ -129,59 +128,48 @@ def calibrate(
     if len(train_dataset) < 2:
         raise ValueError("`train_dataset` needs at least 2 examples to calibrate on.")
     model = unwrap_model(model)
-    device = next(model.parameters()).device
-    views = LossViews(task)
+    state = process_state(model)
     loader_params = dict(dataloader_kwargs or {})
-    source = DatasetOnDevice(train_dataset, per_device_batch_size, loader_params, device, cache=base.cache_batches)
-    rows_idx = np.unique(np.linspace(0, len(train_dataset) - 1, min(max_examples, len(train_dataset))).astype(int))
-    x = Side(source.batches(rows_idx.tolist(), per_device_batch_size), views.train)
-    params = select_parameters(model, task.get_influence_tracked_modules(), base.sampled_modules)
+    problem = calibration_problem(model, task, train_dataset, base, max_examples, per_device_batch_size, loader_params)
     grid = list(itertools.product(sorted(nbetas), sorted(localizations), sorted(step_sizes)))
     start = time.time()
-    rows: List[Dict[str, Any]] = []
-    with SampledWeights(model, params) as weights:
-        checked = False
-        for nbeta, localization, step in tqdm(grid, desc="Calibrating BIF", disable=disable_tqdm):
-            row: Dict[str, Any] = {"step_size": step, "nbeta": nbeta, "localization": localization}
-            try:
-                args = dataclasses.replace(
-                    base,
-                    step_size=step,
-                    nbeta=nbeta,
-                    localization=localization,
-                    num_chains=num_chains,
-                    num_draws=num_draws,
-                    checkpoint_interval=0,
-                )
-            except ValueError as exc:
-                rows.append({**row, "status": "invalid", "reason": str(exc)})
-                continue
-            stream = MinibatchStream(source, args.sampler_batch_size)
-            engine = SamplingEngine(
-                model,
-                views,
-                weights,
-                stream,
-                x,
-                None,
-                args,
-                diagonal=True,
-                disable_tqdm=True,
-                monitor=rows_idx.tolist(),
-            )
-            if not checked:
-                engine.check_views()
-                checked = True
-            try:
-                result = engine.run()
-            except SamplerDivergenceError as exc:
-                rows.append({**row, "status": "diverged", "reason": str(exc)})
-                continue
-            rows.append({**row, **_row_stats(result, args)})
+    mine = list(range(state.process_index, len(grid), state.num_processes))
+    bar = tqdm(total=len(mine), desc="Calibrating BIF", disable=disable_tqdm or not state.is_main_process)
+    with SampledWeights(model, problem.params) as weights:
+        problem.engine(model, weights, base).check_views()
+        done = {i: _grid_row(problem, model, weights, base, grid[i], num_chains, num_draws, bar) for i in mine}
+    bar.close()
+    rows = [row for part in state.all_gather_object(done) for row in part.items()]
+    rows = [row for _, row in sorted(rows, key=lambda item: item[0])]
     recommended, notes = _recommend(rows, base)
     result = CalibrationResult(rows=rows, recommended=recommended, base=base, seconds=time.time() - start, notes=notes)
     logger.info("Calibration over %d settings took %.1f s.\n%s", len(grid), result.seconds, result.to_table())
     return result
+
+
+def _grid_row(problem: Problem, model, weights, base: BIFArguments, point, num_chains, num_draws, bar) -> Dict:
+    """One grid point's table row: invalid settings, diverged chains, or the diagnostics of short chains."""
+    nbeta, localization, step = point
+    row: Dict[str, Any] = {"step_size": step, "nbeta": nbeta, "localization": localization}
+    bar.update(1)
+    try:
+        args = dataclasses.replace(
+            base,
+            step_size=step,
+            nbeta=nbeta,
+            localization=localization,
+            num_chains=num_chains,
+            num_draws=num_draws,
+            checkpoint_interval=0,
+        )
+    except ValueError as exc:
+        return {**row, "status": "invalid", "reason": str(exc)}
+    try:
+        # each grid point's chains run in this process alone (state=None): the grid, not the chains, is split
+        result = problem.engine(model, weights, args, disable_tqdm=True).run()
+    except SamplerDivergenceError as exc:
+        return {**row, "status": "diverged", "reason": str(exc)}
+    return {**row, **_row_stats(result, args)}
 
 
 def _row_stats(result, args: BIFArguments) -> Dict[str, Any]:

@@ -6,11 +6,14 @@ This is the only module that knows kronfluence's folder and file names.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
+from enum import Enum
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -31,6 +34,24 @@ DATASET_METADATA_FILES = {"query": "query_dataset_metadata.json", "train": "trai
 BIF_HEADER_KEY = "bif_arguments"
 
 Partition = Optional[Tuple[int, int]]
+
+
+class ScoreKind(str, Enum):
+    """The two score kinds. A member equals (and formats as) its kronfluence name: `pairwise_scores.safetensors`."""
+
+    PAIRWISE = "pairwise"
+    SELF = "self"
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+    @property
+    def label(self) -> str:
+        """'Pairwise' / 'Self', as in kronfluence's profiler phases."""
+        return self.value.capitalize()
 
 
 def factors_dir(analysis_dir: Path, factors_name: str) -> Path:
@@ -174,3 +195,83 @@ def remove_temporaries(folder: Path) -> List[Path]:
         path.unlink(missing_ok=True)
         removed.append(path)
     return removed
+
+
+def jsonable(value: Any) -> Any:
+    """NaN becomes None (and numpy scalars/arrays plain Python) so that `json.dumps` writes strict JSON."""
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return jsonable(value.tolist())
+    if isinstance(value, (float, np.floating)):
+        return None if math.isnan(value) else float(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+# ------------------------------------------------------------------------------------------ kronfluence's score files
+def header_metadata(score_args: Any, bif_args: Any) -> Dict[str, str]:
+    """A score file's header: kronfluence's 17 ScoreArguments keys, unchanged, plus one `bif_arguments` key (JSON)."""
+    metadata = score_args.to_str_dict()
+    metadata[BIF_HEADER_KEY] = json.dumps(bif_args.to_dict())
+    return metadata
+
+
+class ScoreWriter:
+    """Writes one scores folder's files of one kind exactly as kronfluence does: the unpartitioned file, one file per
+    (data, module) partition, and their aggregation; plus BIF's token-by-token file."""
+
+    def __init__(self, output_dir: Path, kind: str, metadata: Dict[str, str], dtype: torch.dtype) -> None:
+        self.output_dir = output_dir
+        self.kind = ScoreKind(kind)
+        self.metadata = metadata
+        self.dtype = dtype
+
+    def save(self, scores: Dict[str, torch.Tensor], partition: Partition = None) -> None:
+        tensors = {k: v.contiguous().to(self.dtype) for k, v in scores.items()}
+        save_tensors(score_file(self.output_dir, self.kind, partition), tensors, self.metadata)
+        if partition is None:
+            logger.info("Saved %s scores at `%s`.", self.kind, self.output_dir)
+        else:
+            logger.info(
+                "Saved %s scores of data partition %d and module partition %d at `%s`.",
+                self.kind,
+                *partition,
+                self.output_dir,
+            )
+
+    def save_token_scores(self, scores: torch.Tensor) -> None:
+        tensors = {ALL_MODULES: scores.contiguous().to(self.dtype)}
+        save_tensors(self.output_dir / BIF_TOKEN_SCORES_FILE, tensors, self.metadata)
+        logger.info("Saved token-by-token scores %s at `%s`.", tuple(scores.shape), self.output_dir)
+
+    def aggregate(
+        self, data_partitions: int, module_partitions: int, add_data_partitions: bool
+    ) -> Optional[Dict[str, torch.Tensor]]:
+        """kronfluence's aggregation: add each key over module partitions, then concatenate data partitions along
+        the train axis (or add them, for aggregated train gradients). None while a partition file is missing."""
+        files = [
+            [score_file(self.output_dir, self.kind, (p, j)) for j in range(module_partitions)]
+            for p in range(data_partitions)
+        ]
+        if not all(f.exists() for row in files for f in row):
+            return None
+        merged: Dict[str, torch.Tensor] = {}
+        for row in files:
+            part: Dict[str, torch.Tensor] = {}
+            for f in row:
+                for key, value in load_tensors(f).items():
+                    part[key] = part[key] + value if key in part else value
+            for key, value in part.items():
+                if key not in merged:
+                    merged[key] = value
+                elif add_data_partitions:
+                    merged[key] = merged[key] + value
+                else:
+                    merged[key] = torch.cat((merged[key], value), dim=1 if self.kind == ScoreKind.PAIRWISE else 0)
+        save_tensors(score_file(self.output_dir, self.kind), merged, self.metadata)
+        logger.info("Saved aggregated %s scores at `%s`.", self.kind, self.output_dir)
+        return merged
