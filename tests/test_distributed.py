@@ -8,6 +8,7 @@ the float64 summation order of the pooled sums (relative 1e-15), far inside the 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -32,6 +33,7 @@ SCORE_DIRS = {"pairwise": "dist/scores_pw", "self": "dist/scores_self"}
 def data_dir(tmp_path_factory):
     """A small trained MLP and its data, shared by every subprocess."""
     folder = tmp_path_factory.mktemp("dist_data")
+    torch.manual_seed(0)  # the model's initialization: the same model whichever tests ran before
     g = torch.Generator().manual_seed(0)
     x = torch.randn(70, 4, generator=g)
     y = (x @ torch.randn(4, 1, generator=g)).tanh() + 0.1 * torch.randn(70, 1, generator=g)
@@ -210,3 +212,17 @@ def test_kill_during_final_write_leaves_no_result(data_dir, reference, tmp_path)
     assert "complete in its checkpoint; not sampled again" in log  # the kill lost no sampling
     assert torch.allclose(scores(out, "pairwise"), scores(reference, "pairwise"), rtol=1e-12, atol=0)
     assert not list(folder.glob("*.tmp")) and not list(folder.glob(".*.tmp"))
+
+
+def test_calibration_is_split_over_processes_with_the_same_table(data_dir, tmp_path):
+    """torchrun splits the calibration grid over the processes; every row equals the one-process run's."""
+    script = str(SCRIPT.parent / "run_calibrate.py")
+    results = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"calibration{nproc}.json"
+        args = [script, "--data", str(data_dir), "--out", str(out)]
+        launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        proc = subprocess.run([sys.executable, *launcher, *args], env=_env(), capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        results[nproc] = json.loads(out.read_text())
+    assert results[2] == results[1] and len(results[1]["rows"]) == 3
