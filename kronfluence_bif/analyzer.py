@@ -17,8 +17,10 @@ from torch.utils import data
 from kronfluence_bif import storage
 from kronfluence_bif.arguments import RUN_CONTROL_FIELDS, BIFArguments
 from kronfluence_bif.distributed import process_state
-from kronfluence_bif.logs import logger
-from kronfluence_bif.scoring import BIFScorer, ScoreRequest
+from kronfluence_bif.logs import logger, set_main_process_only
+from kronfluence_bif.requests import ScoreRequest
+from kronfluence_bif.scoring import BIFScorer
+from kronfluence_bif.storage import ScoreKind
 from kronfluence_bif.tracking import tracked_module_names, untracked_error, untracked_model_allowed
 
 KRONFLUENCE_STRATEGIES = ("identity", "diagonal", "kfac", "ekfac")
@@ -73,6 +75,7 @@ class Analyzer(KronfluenceAnalyzer):
             )
         if log_level is not None:
             logger.setLevel(log_level)
+        set_main_process_only(log_main_process_only)
         self.strategy = strategy
         self.bif_args = bif_args if bif_args is not None else BIFArguments()
         self.untracked = untracked  # nothing kronfluence can track: only strategy "bif" can run
@@ -145,6 +148,7 @@ class Analyzer(KronfluenceAnalyzer):
         if factor_args is not None and factor_args.strategy == "bif":
             return self._fit_bif(factors_name, factor_args, bif_args, overwrite_output_dir)
         self._require_tracked(_strategy_label(factor_args))
+        _warn_unused_bif_args(bif_args, factor_args)
         return super().fit_all_factors(
             factors_name=factors_name,
             dataset=dataset,
@@ -162,6 +166,7 @@ class Analyzer(KronfluenceAnalyzer):
         if factor_args is not None and factor_args.strategy == "bif":
             return self._fit_bif(factors_name, factor_args, bif_args, kwargs.get("overwrite_output_dir", False))
         self._require_tracked(_strategy_label(factor_args))
+        _warn_unused_bif_args(bif_args, factor_args)
         return kronfluence_method(factors_name, *args, factor_args=factor_args, **kwargs)
 
     def fit_covariance_matrices(self, factors_name: str, dataset: data.Dataset, *args: Any, **kwargs: Any) -> None:
@@ -238,7 +243,7 @@ class Analyzer(KronfluenceAnalyzer):
                 overwrite_output_dir=overwrite_output_dir,
             )
         request = ScoreRequest(
-            kind="pairwise",
+            kind=ScoreKind.PAIRWISE,
             scores_name=scores_name,
             factors_name=factors_name,
             train_dataset=train_dataset,
@@ -287,7 +292,7 @@ class Analyzer(KronfluenceAnalyzer):
                 overwrite_output_dir=overwrite_output_dir,
             )
         request = ScoreRequest(
-            kind="self",
+            kind=ScoreKind.SELF,
             scores_name=scores_name,
             factors_name=factors_name,
             train_dataset=train_dataset,
@@ -304,6 +309,16 @@ class Analyzer(KronfluenceAnalyzer):
             overwrite_output_dir=overwrite_output_dir,
         )
         return self._score_bif(request, bif)
+
+
+def _warn_unused_bif_args(bif_args: Optional[BIFArguments], factor_args: Optional[FactorArguments]) -> None:
+    """`bif_args` given to a kronfluence fit would be silently dropped: say so, and how to run BIF instead."""
+    if bif_args is not None:
+        logger.warning(
+            "`bif_args` were passed to a fit with %s; they are ignored and kronfluence fits its factors. To sample "
+            'BIF, pass `strategy="bif"` to the Analyzer (or `FactorArguments(strategy="bif")`).',
+            _strategy_label(factor_args).lower(),
+        )
 
 
 def _strategy_label(factor_args: Optional[FactorArguments]) -> str:

@@ -91,8 +91,11 @@ class ProcessState:
 
     @classmethod
     def local(cls) -> ProcessState:
-        """A single process, without touching Accelerate or torch.distributed."""
-        return cls(cpu=True, launched=False)
+        """The state of a single process (shared), without touching Accelerate or torch.distributed."""
+        global _LOCAL
+        if _LOCAL is None:
+            _LOCAL = cls(cpu=True, launched=False)
+        return _LOCAL
 
     @property
     def distributed(self) -> bool:
@@ -103,7 +106,12 @@ class ProcessState:
 
     # ------------------------------------------------------------------ collectives
     def barrier(self) -> None:
-        if self.distributed:
+        """Every process waits for the others (on GPUs with this process's device, so NCCL picks the right one)."""
+        if not self.distributed:
+            return
+        if self.collective_device.type == "cuda":
+            dist.barrier(device_ids=[self.collective_device.index])
+        else:
             dist.barrier()
 
     def group(self, ranks: Sequence[int]) -> Optional[Any]:
@@ -232,7 +240,8 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
-_STATES: dict = {}
+_STATE: Optional[ProcessState] = None  # the launched run's state, created once (Accelerate's is a singleton too)
+_LOCAL: Optional[ProcessState] = None
 
 
 def _destroy_process_group() -> None:
@@ -250,12 +259,16 @@ def launched_distributed() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def process_state(model: nn.Module) -> ProcessState:
-    """The process state for sampling `model` (gloo when its weights are on the CPU, nccl on GPUs); cached."""
+def process_state(model: Optional[nn.Module] = None) -> ProcessState:
+    """The one process state every module asks: single-process unless launched by torchrun / accelerate launch.
+
+    A launched run's state is created on the first call, with gloo when `model`'s weights are on the CPU and nccl
+    on GPUs, and is the same object for every later call (its process groups are created once).
+    """
+    global _STATE
     if not launched_distributed():
         return ProcessState.local()
-    first = next(iter(model.parameters()), None)
-    cpu = first is None or first.device.type == "cpu"
-    if cpu not in _STATES:
-        _STATES[cpu] = ProcessState(cpu=cpu)
-    return _STATES[cpu]
+    if _STATE is None:
+        first = None if model is None else next(iter(model.parameters()), None)
+        _STATE = ProcessState(cpu=first is None or first.device.type == "cpu")
+    return _STATE
