@@ -35,16 +35,22 @@ from kronfluence_bif import (
     BIFArguments,
     BIFTask,
     ClassificationTask,
-    FactorArguments,
     RegressionTask,
     prepare_model,
     storage,
 )
-from kronfluence_bif.cli import int_at_least
+from kronfluence_bif.argtypes import int_at_least
 from kronfluence_bif.compare import Comparison, compare, jsonable
 from kronfluence_bif.demo.digits import load_digits_split, train_classifier
 from kronfluence_bif.demo.uci import load_concrete, train_mlp
-from kronfluence_bif.lds import LDSResult, SubsetRetrains, draw_subset_masks, linear_datamodeling_score, retrain_subsets
+from kronfluence_bif.lds import (
+    LDSResult,
+    SubsetRetrains,
+    draw_subset_masks,
+    linear_datamodeling_score,
+    retrain_subsets,
+    score_pairwise,
+)
 from kronfluence_bif.logs import logger
 from kronfluence_bif.threads import set_threads
 
@@ -108,39 +114,14 @@ PROBLEMS: Dict[str, Callable[..., ABProblem]] = {"uci_concrete": uci_concrete_pr
 
 
 # ---------------------------------------------------------------------------------------------- scoring
-def _timed(fn: Callable[[], Any]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def score_method(
     analyzer: Analyzer, problem: ABProblem, name: str, strategy: str, bif_args: Optional[BIFArguments] = None
 ) -> Tuple[np.ndarray, float]:
-    """Fit factors `name` with `strategy` and score every query against every training example; (scores, seconds)."""
-    train, query = problem.train, problem.query
+    """Fit factors `name` with `strategy` and score every query against every training example; (scores, seconds).
 
-    def run() -> None:
-        analyzer.fit_all_factors(
-            name,
-            dataset=train,
-            per_device_batch_size=len(train),
-            factor_args=FactorArguments(strategy=strategy),
-            bif_args=bif_args,
-            overwrite_output_dir=True,
-        )
-        analyzer.compute_pairwise_scores(
-            name,
-            name,
-            query_dataset=query,
-            train_dataset=train,
-            per_device_query_batch_size=len(query),
-            per_device_train_batch_size=len(train),
-            overwrite_output_dir=True,
-        )
-
-    seconds = _timed(run)
-    return analyzer.load_pairwise_scores(name)["all_modules"].double().numpy(), seconds
+    `kronfluence_bif.lds.score_pairwise` on the problem's training and query sets.
+    """
+    return score_pairwise(analyzer, name, strategy, problem.train, problem.query, bif_args)
 
 
 # ---------------------------------------------------------------------------------------------- retraining
