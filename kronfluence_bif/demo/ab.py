@@ -325,6 +325,57 @@ def _score_all(
     return results
 
 
+def _evaluate(
+    scored: Dict[str, Tuple[np.ndarray, float]], retrains: SubsetRetrains, labels: Dict[str, str], k: int
+) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """(per method: label, seconds and LDS; agreement of BIF and identity with the reference EK-FAC)."""
+    methods = {
+        name: {
+            "label": labels[name],
+            "seconds": seconds,
+            "lds": lds_summary(linear_datamodeling_score(scores, retrains.masks, retrains.measurements)),
+        }
+        for name, (scores, seconds) in scored.items()
+    }
+    reference = scored[REFERENCE][0]
+    agreement = {
+        f"{name}_vs_{REFERENCE}": agreement_summary(
+            compare(reference, scored[name][0], k=k, label_a=labels[REFERENCE], label_b=labels[name])
+        )
+        for name in (BIF_METHOD, "identity")
+    }
+    return methods, agreement
+
+
+def _settings(
+    problem: ABProblem, n_retrains: int, retrain_seed: int, k: int, overrides: Dict[str, Any], bif_args: BIFArguments
+) -> Dict[str, Any]:
+    """The `settings` entry of the summary: sizes, retraining, recipe, k and the BIF arguments."""
+    return {
+        "n_train": len(problem.train),
+        "n_query": len(problem.query),
+        "n_retrains": n_retrains,
+        "retrain_fraction": 0.5,
+        "retrain_seed": retrain_seed,
+        "retrain_model_seeds": f"{RETRAIN_SEED_BASE} + subset index",
+        "recipe": problem.recipe,
+        "k": k,
+        "bif_overrides": overrides,
+        "bif_args": bif_args.to_dict(),
+    }
+
+
+def _files(out: Path, plot: Optional[Path], cache: Path, scored: Dict[str, Any]) -> Dict[str, Any]:
+    """The `files` entry of the summary: where the summary, tables, plot, retrain cache and score folders are."""
+    return {
+        "summary": str(out / SUMMARY_FILE),
+        "markdown": str(out / MARKDOWN_FILE),
+        "plot": str(plot) if plot is not None else None,
+        "retrain_cache": str(cache),
+        "scores": {name: str(storage.scores_dir(out / ANALYSIS_NAME, name)) for name in scored},
+    }
+
+
 def run_ab(
     problem: ABProblem,
     output_dir: str,
@@ -357,39 +408,15 @@ def run_ab(
     )
     labels = {name: label for name, label, _ in METHODS}
     labels[BIF_METHOD] = bif_label(overrides)
-    methods = {
-        name: {
-            "label": labels[name],
-            "seconds": seconds,
-            "lds": lds_summary(linear_datamodeling_score(scores, retrains.masks, retrains.measurements)),
-        }
-        for name, (scores, seconds) in scored.items()
-    }
-    reference = scored[REFERENCE][0]
-    agreement = {
-        f"{name}_vs_{REFERENCE}": agreement_summary(
-            compare(reference, scored[name][0], k=k, label_a=labels[REFERENCE], label_b=labels[name])
-        )
-        for name in (BIF_METHOD, "identity")
-    }
+    methods, agreement = _evaluate(scored, retrains, labels, k)
     plot_path = out / PLOT_FILE
     lds_bars = {labels[n].split(" (")[0]: (m["lds"]["mean"], m["lds"]["stderr"]) for n, m in methods.items()}
+    reference = scored[REFERENCE][0]
     queries = list(range(min(plot_queries, reference.shape[0])))
     plotted = plot_ab(plot_path, reference, scored[BIF_METHOD][0], lds_bars, queries, k)
     summary = {
         "problem": {"name": problem.name, "title": problem.title, "measurement": problem.measurement},
-        "settings": {
-            "n_train": len(problem.train),
-            "n_query": len(problem.query),
-            "n_retrains": n_retrains,
-            "retrain_fraction": 0.5,
-            "retrain_seed": retrain_seed,
-            "retrain_model_seeds": f"{RETRAIN_SEED_BASE} + subset index",
-            "recipe": problem.recipe,
-            "k": k,
-            "bif_overrides": overrides,
-            "bif_args": bif_args.to_dict(),
-        },
+        "settings": _settings(problem, n_retrains, retrain_seed, k, overrides, bif_args),
         "methods": methods,
         "agreement": agreement,
         "timings": {
@@ -398,13 +425,7 @@ def run_ab(
             "retrains_computed": n_computed,
             "total_seconds": time.perf_counter() - start,
         },
-        "files": {
-            "summary": str(out / SUMMARY_FILE),
-            "markdown": str(out / MARKDOWN_FILE),
-            "plot": str(plot_path) if plotted else None,
-            "retrain_cache": str(cache),
-            "scores": {name: str(storage.scores_dir(out / ANALYSIS_NAME, name)) for name in scored},
-        },
+        "files": _files(out, plot_path if plotted else None, cache, scored),
         "environment": {"torch": torch.__version__, "torch_threads": torch.get_num_threads()},
     }
     summary = jsonable(summary)
