@@ -22,11 +22,10 @@ import torch
 from torch.utils.data import TensorDataset
 
 from kronfluence_bif import Analyzer, BIFArguments, ClassificationTask, RegressionTask, prepare_model
-from kronfluence_bif.demo.__main__ import agreement as demo_agreement
-from kronfluence_bif.demo.ab import score_method
+from kronfluence_bif.compare import compare
 from kronfluence_bif.demo.digits import load_digits_split, train_classifier
 from kronfluence_bif.demo.uci import load_concrete, train_mlp
-from kronfluence_bif.lds import linear_datamodeling_score
+from kronfluence_bif.lds import linear_datamodeling_score, score_pairwise
 from kronfluence_bif.threads import set_threads
 
 warnings.filterwarnings("ignore", category=FutureWarning)
@@ -79,8 +78,9 @@ def lds(scores, masks, losses):
 
 
 def agreement(ref, scores):
-    result = demo_agreement(ref, scores)
-    return result["spearman"], result["top10_overlap"]
+    """Mean per-query Spearman and top-10 overlap of `scores` against the reference `ref`."""
+    comparison = compare(ref, scores, k=10)
+    return comparison.mean_spearman, comparison.mean_topk_overlap
 
 
 @dataclass
@@ -111,7 +111,7 @@ class LDSSetup:
         self, analyzer: Analyzer, name: str, strategy: str = "ekfac", bif_args: Optional[BIFArguments] = None
     ) -> Tuple[np.ndarray, float]:
         """Pairwise scores of every query against every train example with `strategy`, and the fit + score time."""
-        return score_method(analyzer, self, name, strategy, bif_args)  # it reads only `.train` and `.query`
+        return score_pairwise(analyzer, name, strategy, self.train, self.query, bif_args)
 
 
 def main() -> None:

@@ -41,7 +41,7 @@ from kronfluence_bif import (
     ScoreArguments,
     prepare_model,
 )
-from kronfluence_bif.demo.tiny_lm import measure
+from kronfluence_bif.usage import measure
 
 PAPER_SCALING = dict(
     sampler="sgld", sampler_batch_size=32, num_chains=4, num_draws=500, num_burnin_steps=0,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
@@ -201,19 +200,12 @@ class BIFArguments:
                 + (" or raise `rmsprop_eps`." if self.sampler != "sgld" else ".")
             )
 
-    @property
-    def num_total_draws(self) -> int:
-        return self.num_chains * self.num_draws
-
     # ------------------------------------------------------------------ serialization
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
 
     def to_str_dict(self) -> Dict[str, str]:
         return {k: str(v) for k, v in self.to_dict().items()}
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=False)
 
     @classmethod
     def from_dict(cls, values: Dict[str, Any]) -> BIFArguments:
@@ -225,6 +217,7 @@ class BIFArguments:
 
     @classmethod
     def field_help(cls) -> Dict[str, str]:
+        """Each field's help text, by name (README's BIFArguments table is checked against it)."""
         return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
 
 
@@ -239,7 +232,3 @@ def _check_float(name: str, value: Any, low: float, hint: str, allow_zero: bool 
     if not ok:
         relation = ">=" if allow_zero else ">"
         raise ValueError(f"BIFArguments.{name} must be a finite number {relation} {low:g} ({hint}), got {value!r}.")
-
-
-def resolve_optional(args: Optional[BIFArguments]) -> BIFArguments:
-    return BIFArguments() if args is None else args

@@ -13,198 +13,29 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
-import math
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, Optional, Sequence
 
-import numpy as np
 from safetensors import SafetensorError
 
 import kronfluence_bif
 from kronfluence_bif import storage
-from kronfluence_bif.compare import compare, jsonable, load_scores
+from kronfluence_bif.argtypes import int_at_least
+from kronfluence_bif.compare import compare, jsonable
+from kronfluence_bif.diagnostics import format_diagnostics, plot_traces
+from kronfluence_bif.inspection import format_inspection, inspect_scores
 from kronfluence_bif.storage import BIF_DIAGNOSTICS_FILE, BIF_TRACES_FILE
 
+# The domain logic lives beside what it reports on; these names stay importable from here.
+__all__ = ["build_parser", "format_diagnostics", "format_inspection", "inspect_scores", "int_at_least", "main"]
+
 PROG = "kronfluence-bif"
-# Traces printed first, in this order; any other [num_chains, num_draws] trace follows.
-MAIN_TRACES = ("mean_train_loss", "mean_measurement")
 
 
 def _version() -> str:
     version = getattr(kronfluence_bif, "__version__", None)
     return version if version else importlib.metadata.version("kronfluence-bif")
-
-
-def int_at_least(minimum: int):
-    """An argparse type: an integer >= `minimum`, with argparse's usage error otherwise."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
-        return value
-
-    return parse
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        return str(int(value))
-    if isinstance(value, (float, np.floating)):
-        return "nan" if math.isnan(value) else f"{value:.6g}"
-    return str(value)
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> List[str]:
-    cells = [list(header)] + [[_fmt(v) for v in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    return ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)).rstrip() for row in cells]
-
-
-# ---------------------------------------------------------------------------------------------- inspect
-def _entries(values: np.ndarray, columns: np.ndarray, train_indices: Optional[List[int]]) -> List[Dict[str, Any]]:
-    return [
-        {
-            "rank": rank + 1,
-            "train_index": int(train_indices[c]) if train_indices is not None else int(c),
-            "column": int(c),
-            "score": float(values[c]),
-        }
-        for rank, c in enumerate(columns)
-    ]
-
-
-def inspect_scores(folder: Union[str, Path], query: Optional[int] = None, top: int = 10) -> Dict[str, Any]:
-    """Most helpful (largest positive) and most harmful (most negative) training examples of one query.
-
-    kronfluence's sign: a positive score means the training example lowers the query's loss-like measurement.
-    `train_index` is the training dataset index (through `train_indices` when the scores used them); `column`
-    is the column of the score matrix. For a self-score folder, the highest and lowest self-influences.
-    """
-    scores = load_scores(folder)
-    train_meta = scores.dataset_metadata.get("train") or {}
-    train_indices = train_meta.get("indices")
-    n_columns = scores.pairwise.shape[1] if scores.pairwise is not None else scores.self_scores.size
-    if train_indices is not None and len(train_indices) != n_columns:
-        train_indices = None  # e.g. aggregated train gradients: columns are not dataset rows
-    if scores.pairwise is None:
-        if query is not None:
-            raise ValueError(f"`{folder}` holds self scores, which have no query axis; drop --query.")
-        values = scores.self_scores
-        order = np.argsort(-values, kind="stable")
-        return {
-            "folder": str(folder),
-            "kind": "self",
-            "n_train": int(values.size),
-            "top": top,
-            "highest": _entries(values, order[:top], train_indices),
-            "lowest": _entries(values, np.argsort(values, kind="stable")[:top], train_indices),
-        }
-    n_query, n_train = scores.pairwise.shape
-    query = 0 if query is None else query
-    if not 0 <= query < n_query:
-        raise ValueError(f"--query {query} is out of range: `{folder}` holds {n_query} queries (0..{n_query - 1}).")
-    query_indices = (scores.dataset_metadata.get("query") or {}).get("indices")
-    row = scores.pairwise[query]
-    helpful = np.flatnonzero(row > 0)
-    harmful = np.flatnonzero(row < 0)
-    helpful = helpful[np.argsort(-row[helpful], kind="stable")][:top]
-    harmful = harmful[np.argsort(row[harmful], kind="stable")][:top]
-    return {
-        "folder": str(folder),
-        "kind": "pairwise",
-        "n_query": int(n_query),
-        "n_train": int(n_train),
-        "query": int(query),
-        "query_dataset_index": int(query_indices[query]) if query_indices and len(query_indices) == n_query else query,
-        "top": top,
-        "helpful": _entries(row, helpful, train_indices),
-        "harmful": _entries(row, harmful, train_indices),
-    }
-
-
-def format_inspection(result: Dict[str, Any]) -> str:
-    """Text form of `inspect_scores`."""
-    lines = []
-
-    def section(title: str, entries: List[Dict[str, Any]]) -> None:
-        lines.append("")
-        lines.append(title)
-        if not entries:
-            lines.append("  (none)")
-            return
-        rows = [(e["rank"], e["train_index"], e["score"]) for e in entries]
-        lines.extend("  " + line for line in _table(("rank", "train_index", "score"), rows))
-
-    if result["kind"] == "self":
-        lines.append(f"{result['folder']}: self-influence scores of {result['n_train']} training examples")
-        section(f"Highest {result['top']} self-influence scores:", result["highest"])
-        section(f"Lowest {result['top']} self-influence scores:", result["lowest"])
-        return "\n".join(lines)
-    lines.append(
-        f"{result['folder']}: query {result['query']} (query dataset index {result['query_dataset_index']}) of "
-        f"{result['n_query']} queries x {result['n_train']} training examples"
-    )
-    lines.append("kronfluence sign: a positive score means the training example helps the query (lowers its loss).")
-    section(f"Most helpful (largest positive scores, up to {result['top']}):", result["helpful"])
-    section(f"Most harmful (most negative scores, up to {result['top']}):", result["harmful"])
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------- diagnose
-def format_diagnostics(folder: Union[str, Path]) -> str:
-    """Per-chain summaries (`bif_diagnostics.json`) and per-chain means of the traces (`bif_traces.safetensors`)."""
-    folder = Path(folder).expanduser()
-    if not folder.is_dir():
-        raise ValueError(f"no such folder `{folder}`; pass a `scores_<name>` folder written with strategy 'bif'.")
-    diagnostics_path, traces_path = folder / BIF_DIAGNOSTICS_FILE, folder / BIF_TRACES_FILE
-    if not diagnostics_path.exists() and not traces_path.exists():
-        raise ValueError(
-            f"`{folder}` holds neither {BIF_DIAGNOSTICS_FILE} nor {BIF_TRACES_FILE}: only scores computed with "
-            "strategy 'bif' have sampling diagnostics (EK-FAC folders do not)."
-        )
-    lines = [f"BIF sampling diagnostics of {folder}"]
-    if diagnostics_path.exists():
-        report = storage.load_json(diagnostics_path)
-        chains = report.get("chains", [])
-        rhat, sharp = report.get("rhat_mean_train_loss"), report.get("sharpness")
-        if rhat is not None:
-            lines.append(f"Split R-hat of the mean train loss: {_fmt(float(rhat))} (fine below 1.1)")
-        if sharp:
-            lines.append(
-                f"step_size x largest preconditioned curvature: {_fmt(sharp['step_size_times_lambda_max'])} "
-                "(fine below 2)"
-            )
-        warnings = report.get("warnings", [])
-        lines.append(f"Warnings: {len(warnings)}" + ("" if warnings else " (none)"))
-        lines.extend(f"  [{w['code']}] {w['message']}" for w in warnings)
-        keys: List[str] = []
-        for summary in chains:
-            keys.extend(key for key in summary if key not in keys)
-        lines.append("")
-        lines.append(f"Per-chain summaries ({BIF_DIAGNOSTICS_FILE}, {len(chains)} chains):")
-        rows = [[summary.get(key, "-") for key in keys] for summary in chains]
-        lines.extend("  " + line for line in _table(keys, rows) if keys)
-    else:
-        lines.append(f"({BIF_DIAGNOSTICS_FILE} is missing)")
-    if traces_path.exists():
-        traces = storage.load_tensors(traces_path)
-        names = [n for n in MAIN_TRACES if n in traces] + sorted(n for n in traces if n not in MAIN_TRACES)
-        names = [n for n in names if traces[n].ndim == 2]
-        if names:
-            num_chains, num_draws = traces[names[0]].shape
-            means = {n: traces[n].double().mean(dim=1).tolist() for n in names}
-            rows = [[c] + [means[n][c] if c < len(means[n]) else "-" for n in names] for c in range(num_chains)]
-            lines.append("")
-            lines.append(f"Per-chain means over draws ({BIF_TRACES_FILE}, {num_chains} chains x {num_draws} draws):")
-            lines.extend("  " + line for line in _table(["chain"] + names, rows))
-    else:
-        lines.append(f"({BIF_TRACES_FILE} is missing)")
-    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------- commands
@@ -235,8 +66,6 @@ def _run_inspect(args: argparse.Namespace) -> int:
 def _run_diagnose(args: argparse.Namespace) -> int:
     print(format_diagnostics(args.folder))
     if args.plot:
-        from kronfluence_bif.diagnostics import plot_traces
-
         traces = storage.load_tensors(Path(args.folder).expanduser() / BIF_TRACES_FILE)
         print(f"Wrote {plot_traces(traces, args.plot, title=str(args.folder))}")
     if args.strict:
@@ -352,17 +181,8 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     return 0 if result.recommended is not None else 1
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argparse tree: `compare`, `inspect`, `diagnose`, `calibrate`."""
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description="Compare, inspect and diagnose kronfluence / kronfluence-bif score folders.",
-        epilog="Exit status: 0 success; 1 a check failed (a compare threshold, diagnose --strict warnings, "
-        "calibrate found no usable setting); 2 bad usage or input.",
-    )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-
+def _add_compare(commands: argparse._SubParsersAction) -> None:
+    """`compare A B`: agreement of two score sets, with optional thresholds."""
     p = commands.add_parser(
         "compare",
         help="agreement of two score folders (Spearman, Pearson, top-k overlap, sign agreement)",
@@ -379,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(handler=_run_compare)
 
+
+def _add_inspect(commands: argparse._SubParsersAction) -> None:
+    """`inspect FOLDER`: one query's most helpful and most harmful training examples."""
     p = commands.add_parser(
         "inspect",
         help="most helpful and most harmful training examples of one query",
@@ -391,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(handler=_run_inspect)
 
+
+def _add_diagnose(commands: argparse._SubParsersAction) -> None:
+    """`diagnose FOLDER`: BIF sampling diagnostics, optionally plotted or strict."""
     p = commands.add_parser(
         "diagnose",
         help="BIF sampling diagnostics of a score folder",
@@ -403,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="exit 1 when the run recorded sampler warnings (for CI)")
     p.set_defaults(handler=_run_diagnose)
 
+
+def _add_calibrate(commands: argparse._SubParsersAction) -> None:
+    """`calibrate FACTORY`: short chains over a grid of step sizes."""
     p = commands.add_parser(
         "calibrate",
         help="choose the SGLD step size from short chains",
@@ -420,6 +249,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-examples", type=int_at_least(2), default=256, help="training examples evaluated")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(handler=_run_calibrate)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse tree: `compare`, `inspect`, `diagnose`, `calibrate`."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Compare, inspect and diagnose kronfluence / kronfluence-bif score folders.",
+        epilog="Exit status: 0 success; 1 a check failed (a compare threshold, diagnose --strict warnings, "
+        "calibrate found no usable setting); 2 bad usage or input.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_compare(commands)
+    _add_inspect(commands)
+    _add_diagnose(commands)
+    _add_calibrate(commands)
     return parser
 
 

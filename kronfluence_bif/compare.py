@@ -473,6 +473,19 @@ def _pick_kind(a: ScoreSet, b: ScoreSet) -> str:
     )
 
 
+def _score_rows(a: ScoreSet, b: ScoreSet, kind: str) -> Tuple[np.ndarray, np.ndarray]:
+    """The compared arrays as rows (self scores become one row); raises when their shapes differ."""
+    xa, xb = (a.pairwise, b.pairwise) if kind == "pairwise" else (a.self_scores[None], b.self_scores[None])
+    if xa.shape != xb.shape:
+        what = "[n_query, n_train]" if kind == "pairwise" else "[n_train]"
+        shape_a, shape_b = (list(xa.shape), list(xb.shape)) if kind == "pairwise" else ([xa.shape[1]], [xb.shape[1]])
+        raise ValueError(
+            f"The {kind} score shapes differ: A `{a.label}` is {shape_a}, B `{b.label}` is {shape_b} ({what}). "
+            "Compare scores of the same queries and training examples."
+        )
+    return xa, xb
+
+
 def compare(
     a: ScoresLike,
     b: ScoresLike,
@@ -492,14 +505,7 @@ def compare(
     sb = load_scores(b, label_b or (None if isinstance(b, (str, os.PathLike)) else "B"))
     _check_metadata(sa, sb)
     kind = _pick_kind(sa, sb)
-    xa, xb = (sa.pairwise, sb.pairwise) if kind == "pairwise" else (sa.self_scores[None], sb.self_scores[None])
-    if xa.shape != xb.shape:
-        what = "[n_query, n_train]" if kind == "pairwise" else "[n_train]"
-        shape_a, shape_b = (list(xa.shape), list(xb.shape)) if kind == "pairwise" else ([xa.shape[1]], [xb.shape[1]])
-        raise ValueError(
-            f"The {kind} score shapes differ: A `{sa.label}` is {shape_a}, B `{sb.label}` is {shape_b} ({what}). "
-            "Compare scores of the same queries and training examples."
-        )
+    xa, xb = _score_rows(sa, sb, kind)
     n_query, n_train = xa.shape
     if n_train == 0 or n_query == 0:
         raise ValueError(f"The {kind} scores are empty (shape {list(xa.shape)}); nothing to compare.")

@@ -26,7 +26,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from kronfluence_bif import storage
 from kronfluence_bif.arguments import BIFArguments
+from kronfluence_bif.tables import format_value, text_table
 
 TRAINING_DROP = 0.05  # mean loss below (1 - 5%) of its start
 EXPLODING_RATIO = 10.0  # a draw's mean loss above 10x its start
@@ -269,3 +271,72 @@ def plot_traces(traces: Dict[str, torch.Tensor], path: Union[str, Path], title: 
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+# ---------------------------------------------------------------------------------------------- report
+# Traces printed first, in this order; any other [num_chains, num_draws] trace follows.
+MAIN_TRACES = ("mean_train_loss", "mean_measurement")
+
+
+def format_diagnostics(folder: Union[str, Path]) -> str:
+    """Per-chain summaries (`bif_diagnostics.json`) and per-chain means of the traces (`bif_traces.safetensors`).
+
+    The text of `kronfluence-bif diagnose`; raises ValueError when `folder` holds neither file.
+    """
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise ValueError(f"no such folder `{folder}`; pass a `scores_<name>` folder written with strategy 'bif'.")
+    diagnostics_path, traces_path = folder / storage.BIF_DIAGNOSTICS_FILE, folder / storage.BIF_TRACES_FILE
+    if not diagnostics_path.exists() and not traces_path.exists():
+        raise ValueError(
+            f"`{folder}` holds neither {storage.BIF_DIAGNOSTICS_FILE} nor {storage.BIF_TRACES_FILE}: only scores "
+            "computed with strategy 'bif' have sampling diagnostics (EK-FAC folders do not)."
+        )
+    lines = [f"BIF sampling diagnostics of {folder}"]
+    if diagnostics_path.exists():
+        lines += _report_lines(storage.load_json(diagnostics_path))
+    else:
+        lines.append(f"({storage.BIF_DIAGNOSTICS_FILE} is missing)")
+    if traces_path.exists():
+        lines += _trace_lines(storage.load_tensors(traces_path))
+    else:
+        lines.append(f"({storage.BIF_TRACES_FILE} is missing)")
+    return "\n".join(lines)
+
+
+def _report_lines(report: Dict[str, Any]) -> List[str]:
+    """R-hat, the step-size/curvature check, the warnings and a table of the per-chain summaries."""
+    lines = []
+    chains = report.get("chains", [])
+    rhat, sharp = report.get("rhat_mean_train_loss"), report.get("sharpness")
+    if rhat is not None:
+        lines.append(f"Split R-hat of the mean train loss: {format_value(float(rhat))} (fine below 1.1)")
+    if sharp:
+        lines.append(
+            f"step_size x largest preconditioned curvature: {format_value(sharp['step_size_times_lambda_max'])} "
+            "(fine below 2)"
+        )
+    warnings = report.get("warnings", [])
+    lines.append(f"Warnings: {len(warnings)}" + ("" if warnings else " (none)"))
+    lines.extend(f"  [{w['code']}] {w['message']}" for w in warnings)
+    keys: List[str] = []
+    for summary in chains:
+        keys.extend(key for key in summary if key not in keys)
+    lines.append("")
+    lines.append(f"Per-chain summaries ({storage.BIF_DIAGNOSTICS_FILE}, {len(chains)} chains):")
+    rows = [[summary.get(key, "-") for key in keys] for summary in chains]
+    lines.extend("  " + line for line in text_table(keys, rows) if keys)
+    return lines
+
+
+def _trace_lines(traces: Dict[str, torch.Tensor]) -> List[str]:
+    """A table of each chain's mean over draws of every [num_chains, num_draws] trace (none: no lines)."""
+    names = [n for n in MAIN_TRACES if n in traces] + sorted(n for n in traces if n not in MAIN_TRACES)
+    names = [n for n in names if traces[n].ndim == 2]
+    if not names:
+        return []
+    num_chains, num_draws = traces[names[0]].shape
+    means = {n: traces[n].double().mean(dim=1).tolist() for n in names}
+    rows = [[c] + [means[n][c] if c < len(means[n]) else "-" for n in names] for c in range(num_chains)]
+    title = f"Per-chain means over draws ({storage.BIF_TRACES_FILE}, {num_chains} chains x {num_draws} draws):"
+    return ["", title] + ["  " + line for line in text_table(["chain"] + names, rows)]

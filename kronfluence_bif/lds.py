@@ -14,12 +14,14 @@ measurement where higher is better (accuracy, margin), pass its negative.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, NamedTuple, Optional, Union
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 import torch
+from kronfluence.arguments import FactorArguments
 from tqdm.auto import tqdm
 
 from kronfluence_bif import storage
@@ -220,3 +222,40 @@ def retrain_subsets(
                 storage.save_tensors(path, tensors, metadata=settings)
             bar.update(1)
     return SubsetRetrains(masks=masks, measurements=np.stack(done))
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+def score_pairwise(
+    analyzer: Any,
+    name: str,
+    strategy: str,
+    train_dataset: Any,
+    query_dataset: Any,
+    bif_args: Any = None,
+) -> Tuple[np.ndarray, float]:
+    """Fit factors `name` with `strategy`, score every query against every training example; (scores, seconds).
+
+    The full float64 `[n_query, n_train]` matrix that `linear_datamodeling_score` and `compare` take, from a
+    `kronfluence_bif.Analyzer` (or kronfluence's, for strategies other than "bif"), in one batch per dataset;
+    `seconds` is the wall time of the fit and the scoring. `bif_args` are the BIFArguments of strategy "bif".
+    """
+    start = time.perf_counter()
+    analyzer.fit_all_factors(
+        name,
+        dataset=train_dataset,
+        per_device_batch_size=len(train_dataset),
+        factor_args=FactorArguments(strategy=strategy),
+        bif_args=bif_args,
+        overwrite_output_dir=True,
+    )
+    analyzer.compute_pairwise_scores(
+        name,
+        name,
+        query_dataset=query_dataset,
+        train_dataset=train_dataset,
+        per_device_query_batch_size=len(query_dataset),
+        per_device_train_batch_size=len(train_dataset),
+        overwrite_output_dir=True,
+    )
+    seconds = time.perf_counter() - start
+    return analyzer.load_pairwise_scores(name)["all_modules"].double().numpy(), seconds

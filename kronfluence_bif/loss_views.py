@@ -8,14 +8,11 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from kronfluence_bif.errors import TaskContractError
 from kronfluence_bif.logs import logger, warn_once
 from kronfluence_bif.task import BIFTask
 
 ScalarFn = Callable[[Any, nn.Module], torch.Tensor]
-
-
-class TaskContractError(ValueError):
-    """A Task's method returned something BIF cannot use (wrong shape, or sums that disagree)."""
 
 
 def batch_size(batch: Any) -> int:
@@ -81,7 +78,6 @@ class PerExampleView:
         self.per_example_name = per_example_name
         self.scalar_fn = scalar_fn
         self.mode: Optional[str] = "method" if _overrides(task, per_example_name) else None
-        self.checked = False
 
     # ------------------------------------------------------------------ evaluation
     def __call__(self, batch: Any, model: nn.Module) -> torch.Tensor:
@@ -161,7 +157,6 @@ class PerExampleView:
                 f"`{type(self.task).__name__}.{self.scalar_name}` returned {float(scalar64):.6g}. "
                 + self._mismatch_fix(averages)
             )
-        self.checked = True
 
     def _mismatch_fix(self, averages: bool) -> str:
         """What to change when the per-example values do not sum to the scalar method (see `check`)."""

@@ -252,7 +252,7 @@ def test_load_or_train_caches_the_weights(corpus, tmp_path, restore_threads):
 def test_training_defaults_to_a_fixed_number_of_steps(corpus, monkeypatch, restore_threads):
     """No time budget unless asked: the same steps, hence the same weights, on a fast or a loaded machine."""
     _, tokenizer, split = corpus
-    monkeypatch.setattr(tiny_lm, "DEFAULT_TRAIN_STEPS", 3)
+    monkeypatch.setattr(tiny_lm.train, "DEFAULT_TRAIN_STEPS", 3)  # read where train_lm runs
     args = tiny_lm.parse_args([])
     assert args.steps is None and args.train_seconds is None  # -> DEFAULT_TRAIN_STEPS
     ids = torch.tensor(tokenizer.encode(split.train_text[:5000]), dtype=torch.long)
@@ -269,7 +269,7 @@ def test_training_defaults_to_a_fixed_number_of_steps(corpus, monkeypatch, resto
 
 
 def test_ekfac_per_token_path_and_bif_call(corpus, tmp_path):
-    """EK-FAC per-token scores are [n_query, n_train, T]; BIF per-token gives its arrays or None until it lands."""
+    """EK-FAC per-token scores are [n_query, n_train, T]; BIF per-token gives [n_query, n_train, T] and token pairs."""
     _, tokenizer, split = corpus
     train, _ = tiny_lm.make_train_dataset(tokenizer, split.train_paragraphs, length=T, limit=16)
     scored = tiny_lm.choose_scored(len(train), 8)
@@ -286,10 +286,10 @@ def test_ekfac_per_token_path_and_bif_call(corpus, tmp_path):
     assert np.all(ekfac[:, np.arange(8), lengths - 1] == 0)  # last real token predicts nothing
     bif_args = BIFArguments(num_chains=1, num_draws=8, num_burnin_steps=2, sampler_batch_size=4, draws_per_block=4)
     bif, token_scores, _ = tiny_lm.run_bif_per_token(analyzer, train, queries, bif_args, scored, batch_size=8)
-    if bif is not None:  # per-token BIF: covariances, so summing the query tokens gives the sequence measurement
-        assert bif.shape == (3, 8, T) and token_scores.shape == (3, T, 8, T)
-        assert np.all(bif[:, mask == 0] == 0) and np.all(token_scores[:, :, mask == 0] == 0)
-        np.testing.assert_allclose(token_scores.sum(1), bif, rtol=1e-3, atol=1e-3 * np.abs(bif).max())
+    # per-token BIF: covariances, so summing the query tokens gives the sequence measurement
+    assert bif.shape == (3, 8, T) and token_scores.shape == (3, T, 8, T)
+    assert np.all(bif[:, mask == 0] == 0) and np.all(token_scores[:, :, mask == 0] == 0)
+    np.testing.assert_allclose(token_scores.sum(1), bif, rtol=1e-3, atol=1e-3 * np.abs(bif).max())
 
 
 def test_example_script_end_to_end(tmp_path, monkeypatch, capsys, restore_threads):

@@ -35,16 +35,22 @@ from kronfluence_bif import (
     BIFArguments,
     BIFTask,
     ClassificationTask,
-    FactorArguments,
     RegressionTask,
     prepare_model,
     storage,
 )
-from kronfluence_bif.cli import int_at_least
+from kronfluence_bif.argtypes import int_at_least
 from kronfluence_bif.compare import Comparison, compare, jsonable
 from kronfluence_bif.demo.digits import load_digits_split, train_classifier
 from kronfluence_bif.demo.uci import load_concrete, train_mlp
-from kronfluence_bif.lds import LDSResult, SubsetRetrains, draw_subset_masks, linear_datamodeling_score, retrain_subsets
+from kronfluence_bif.lds import (
+    LDSResult,
+    SubsetRetrains,
+    draw_subset_masks,
+    linear_datamodeling_score,
+    retrain_subsets,
+    score_pairwise,
+)
 from kronfluence_bif.logs import logger
 from kronfluence_bif.threads import set_threads
 
@@ -108,39 +114,14 @@ PROBLEMS: Dict[str, Callable[..., ABProblem]] = {"uci_concrete": uci_concrete_pr
 
 
 # ---------------------------------------------------------------------------------------------- scoring
-def _timed(fn: Callable[[], Any]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def score_method(
     analyzer: Analyzer, problem: ABProblem, name: str, strategy: str, bif_args: Optional[BIFArguments] = None
 ) -> Tuple[np.ndarray, float]:
-    """Fit factors `name` with `strategy` and score every query against every training example; (scores, seconds)."""
-    train, query = problem.train, problem.query
+    """Fit factors `name` with `strategy` and score every query against every training example; (scores, seconds).
 
-    def run() -> None:
-        analyzer.fit_all_factors(
-            name,
-            dataset=train,
-            per_device_batch_size=len(train),
-            factor_args=FactorArguments(strategy=strategy),
-            bif_args=bif_args,
-            overwrite_output_dir=True,
-        )
-        analyzer.compute_pairwise_scores(
-            name,
-            name,
-            query_dataset=query,
-            train_dataset=train,
-            per_device_query_batch_size=len(query),
-            per_device_train_batch_size=len(train),
-            overwrite_output_dir=True,
-        )
-
-    seconds = _timed(run)
-    return analyzer.load_pairwise_scores(name)["all_modules"].double().numpy(), seconds
+    `kronfluence_bif.lds.score_pairwise` on the problem's training and query sets.
+    """
+    return score_pairwise(analyzer, name, strategy, problem.train, problem.query, bif_args)
 
 
 # ---------------------------------------------------------------------------------------------- retraining
@@ -344,6 +325,57 @@ def _score_all(
     return results
 
 
+def _evaluate(
+    scored: Dict[str, Tuple[np.ndarray, float]], retrains: SubsetRetrains, labels: Dict[str, str], k: int
+) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """(per method: label, seconds and LDS; agreement of BIF and identity with the reference EK-FAC)."""
+    methods = {
+        name: {
+            "label": labels[name],
+            "seconds": seconds,
+            "lds": lds_summary(linear_datamodeling_score(scores, retrains.masks, retrains.measurements)),
+        }
+        for name, (scores, seconds) in scored.items()
+    }
+    reference = scored[REFERENCE][0]
+    agreement = {
+        f"{name}_vs_{REFERENCE}": agreement_summary(
+            compare(reference, scored[name][0], k=k, label_a=labels[REFERENCE], label_b=labels[name])
+        )
+        for name in (BIF_METHOD, "identity")
+    }
+    return methods, agreement
+
+
+def _settings(
+    problem: ABProblem, n_retrains: int, retrain_seed: int, k: int, overrides: Dict[str, Any], bif_args: BIFArguments
+) -> Dict[str, Any]:
+    """The `settings` entry of the summary: sizes, retraining, recipe, k and the BIF arguments."""
+    return {
+        "n_train": len(problem.train),
+        "n_query": len(problem.query),
+        "n_retrains": n_retrains,
+        "retrain_fraction": 0.5,
+        "retrain_seed": retrain_seed,
+        "retrain_model_seeds": f"{RETRAIN_SEED_BASE} + subset index",
+        "recipe": problem.recipe,
+        "k": k,
+        "bif_overrides": overrides,
+        "bif_args": bif_args.to_dict(),
+    }
+
+
+def _files(out: Path, plot: Optional[Path], cache: Path, scored: Dict[str, Any]) -> Dict[str, Any]:
+    """The `files` entry of the summary: where the summary, tables, plot, retrain cache and score folders are."""
+    return {
+        "summary": str(out / SUMMARY_FILE),
+        "markdown": str(out / MARKDOWN_FILE),
+        "plot": str(plot) if plot is not None else None,
+        "retrain_cache": str(cache),
+        "scores": {name: str(storage.scores_dir(out / ANALYSIS_NAME, name)) for name in scored},
+    }
+
+
 def run_ab(
     problem: ABProblem,
     output_dir: str,
@@ -376,39 +408,15 @@ def run_ab(
     )
     labels = {name: label for name, label, _ in METHODS}
     labels[BIF_METHOD] = bif_label(overrides)
-    methods = {
-        name: {
-            "label": labels[name],
-            "seconds": seconds,
-            "lds": lds_summary(linear_datamodeling_score(scores, retrains.masks, retrains.measurements)),
-        }
-        for name, (scores, seconds) in scored.items()
-    }
-    reference = scored[REFERENCE][0]
-    agreement = {
-        f"{name}_vs_{REFERENCE}": agreement_summary(
-            compare(reference, scored[name][0], k=k, label_a=labels[REFERENCE], label_b=labels[name])
-        )
-        for name in (BIF_METHOD, "identity")
-    }
+    methods, agreement = _evaluate(scored, retrains, labels, k)
     plot_path = out / PLOT_FILE
     lds_bars = {labels[n].split(" (")[0]: (m["lds"]["mean"], m["lds"]["stderr"]) for n, m in methods.items()}
+    reference = scored[REFERENCE][0]
     queries = list(range(min(plot_queries, reference.shape[0])))
     plotted = plot_ab(plot_path, reference, scored[BIF_METHOD][0], lds_bars, queries, k)
     summary = {
         "problem": {"name": problem.name, "title": problem.title, "measurement": problem.measurement},
-        "settings": {
-            "n_train": len(problem.train),
-            "n_query": len(problem.query),
-            "n_retrains": n_retrains,
-            "retrain_fraction": 0.5,
-            "retrain_seed": retrain_seed,
-            "retrain_model_seeds": f"{RETRAIN_SEED_BASE} + subset index",
-            "recipe": problem.recipe,
-            "k": k,
-            "bif_overrides": overrides,
-            "bif_args": bif_args.to_dict(),
-        },
+        "settings": _settings(problem, n_retrains, retrain_seed, k, overrides, bif_args),
         "methods": methods,
         "agreement": agreement,
         "timings": {
@@ -417,13 +425,7 @@ def run_ab(
             "retrains_computed": n_computed,
             "total_seconds": time.perf_counter() - start,
         },
-        "files": {
-            "summary": str(out / SUMMARY_FILE),
-            "markdown": str(out / MARKDOWN_FILE),
-            "plot": str(plot_path) if plotted else None,
-            "retrain_cache": str(cache),
-            "scores": {name: str(storage.scores_dir(out / ANALYSIS_NAME, name)) for name in scored},
-        },
+        "files": _files(out, plot_path if plotted else None, cache, scored),
         "environment": {"torch": torch.__version__, "torch_threads": torch.get_num_threads()},
     }
     summary = jsonable(summary)
