@@ -22,10 +22,10 @@ from safetensors import SafetensorError
 import kronfluence_bif
 from kronfluence_bif import storage
 from kronfluence_bif.argtypes import int_at_least
-from kronfluence_bif.compare import compare, jsonable
+from kronfluence_bif.compare import compare
 from kronfluence_bif.diagnostics import format_diagnostics, plot_traces
 from kronfluence_bif.inspection import format_inspection, inspect_scores
-from kronfluence_bif.storage import BIF_DIAGNOSTICS_FILE, BIF_TRACES_FILE
+from kronfluence_bif.storage import BIF_DIAGNOSTICS_FILE, BIF_TRACES_FILE, jsonable
 
 # The domain logic lives beside what it reports on; these names stay importable from here.
 __all__ = ["build_parser", "format_diagnostics", "format_inspection", "inspect_scores", "int_at_least", "main"]

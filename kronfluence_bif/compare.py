@@ -23,6 +23,7 @@ import torch
 
 from kronfluence_bif import storage
 from kronfluence_bif.logs import logger
+from kronfluence_bif.storage import jsonable  # noqa: F401 - also importable from here, as before
 
 ScoresLike = Union[str, "os.PathLike[str]", torch.Tensor, np.ndarray, Mapping[str, torch.Tensor], "ScoreSet"]
 
@@ -286,21 +287,6 @@ def _stats(values: np.ndarray) -> Dict[str, Any]:
         "min": float(valid.min()),
         "n_excluded": int(values.size - valid.size),
     }
-
-
-def jsonable(value: Any) -> Any:
-    """NaN becomes None so that `json.dumps` writes valid JSON."""
-    if isinstance(value, dict):
-        return {k: jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return jsonable(value.tolist())
-    if isinstance(value, (float, np.floating)):
-        return None if math.isnan(value) else float(value)
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
 
 
 def _fmt(value: float) -> str:

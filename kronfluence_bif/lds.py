@@ -25,8 +25,9 @@ from kronfluence.arguments import FactorArguments
 from tqdm.auto import tqdm
 
 from kronfluence_bif import storage
-from kronfluence_bif.compare import ScoresLike, jsonable, load_scores, spearman_rows
+from kronfluence_bif.compare import ScoresLike, load_scores, spearman_rows
 from kronfluence_bif.logs import logger
+from kronfluence_bif.storage import jsonable
 
 _CACHE_FORMAT = "kronfluence_bif.lds.retrain_subsets/1"
 

@@ -40,7 +40,7 @@ from kronfluence_bif import (
     storage,
 )
 from kronfluence_bif.argtypes import int_at_least
-from kronfluence_bif.compare import Comparison, compare, jsonable
+from kronfluence_bif.compare import Comparison, compare
 from kronfluence_bif.demo.digits import load_digits_split, train_classifier
 from kronfluence_bif.demo.uci import load_concrete, train_mlp
 from kronfluence_bif.lds import (
@@ -52,6 +52,7 @@ from kronfluence_bif.lds import (
     score_pairwise,
 )
 from kronfluence_bif.logs import logger
+from kronfluence_bif.storage import jsonable
 from kronfluence_bif.threads import set_threads
 
 # Methods scored through the one Analyzer: (factors/scores name, table label, kronfluence strategy).
