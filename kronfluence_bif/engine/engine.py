@@ -4,6 +4,10 @@
 runs each of this process's chains (`chain.Chain`), and pools: chains by adding their sums, processes by an
 all-reduce of the sums (each chain counted once, by the leader of its evaluation group). The model leaves this
 module with exactly w*, whatever happens (the caller's `SampledWeights` restores it).
+
+The seams: a chain asks its `Sampler` (`kronfluence_bif.samplers`, chosen by name from the registry, never
+branched on here) to step and the `Evaluator` to fill a buffer row; a runner that advances several chains in
+lockstep (batched evaluation) takes `Chain`'s place in `_run`, with the same `RunState`.
 """
 
 from __future__ import annotations

@@ -194,7 +194,9 @@ class Evaluator:
             values = values.view(values.shape[0], self.y.size, self.y.width)[..., 0]
         return values.mean(1)
 
-    def centered(self, block: torch.Tensor, shift: torch.Tensor, lay: _Layout, diagonal: bool) -> Tuple:
+    def centered(
+        self, block: torch.Tensor, shift: torch.Tensor, lay: _Layout, diagonal: bool
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         """(x, y) of a block: shifted by the values at w*, reduced, restricted to this process's own columns."""
         x = block[:, : lay.n_x].double() - shift[: lay.n_x]
         if self.x.reduce is not None:
