@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from kronfluence_bif.samplers import SAMPLERS, sampler_class  # noqa: F401 - SAMPLERS: the registered names
+from kronfluence_bif.samplers import SAMPLERS, sampler_class  # the registry: name -> Sampler class
 
 # fields that change how a run is executed, not its result: a rerun may change them (e.g. to resume differently)
 RUN_CONTROL_FIELDS = ("checkpoint_interval", "keep_checkpoints", "cache_batches", "num_threads")
