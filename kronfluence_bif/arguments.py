@@ -7,9 +7,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-SAMPLERS = ("sgld", "rmsprop_sgld", "sketch_sgld")
-# step_size=None resolves to the sampler's default: sketch-SGLD's step is dimensionless, the others' are not
-DEFAULT_STEP_SIZES = {"sgld": 3e-4, "rmsprop_sgld": 3e-4, "sketch_sgld": 0.25}
+from kronfluence_bif.samplers import SAMPLERS, sampler_class  # the registry: name -> Sampler class
+
 # fields that change how a run is executed, not its result: a rerun may change them (e.g. to resume differently)
 RUN_CONTROL_FIELDS = ("checkpoint_interval", "keep_checkpoints", "cache_batches", "num_threads")
 
@@ -122,15 +121,15 @@ class BIFArguments:
     )
 
     def __post_init__(self) -> None:
-        if self.step_size is None and self.sampler in DEFAULT_STEP_SIZES:
-            self.step_size = DEFAULT_STEP_SIZES[self.sampler]
+        # step_size=None resolves to the sampler's default: sketch-SGLD's step is dimensionless, the others' are not
+        if self.step_size is None and self.sampler in SAMPLERS:
+            self.step_size = SAMPLERS[self.sampler].default_step_size
         self.validate()
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
         """Raise ValueError naming the first invalid field and its allowed range."""
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"BIFArguments.sampler must be one of {list(SAMPLERS)}, got {self.sampler!r}.")
+        sampler_class(self.sampler)  # ValueError naming the registered samplers
         for name in (
             "num_chains",
             "num_draws",
@@ -178,27 +177,9 @@ class BIFArguments:
                 raise ValueError(f"BIFArguments.{name} must be True or False, got {getattr(self, name)!r}.")
 
     def _check_stability(self) -> None:
-        """The localization term alone must not make the chain oscillate and diverge (step x gamma x max G < 4)."""
-        if self.sampler == "sketch_sgld":
-            if float(self.localization) <= 0.0:
-                raise ValueError(
-                    "BIFArguments.localization must be > 0 with sampler='sketch_sgld' (its preconditioner is "
-                    "1/localization outside the curvature sketch); use e.g. localization=1000."
-                )
-            if float(self.step_size) >= 4.0:
-                raise ValueError(
-                    f"BIFArguments.step_size must be < 4 with sampler='sketch_sgld' (it is dimensionless; typical "
-                    f"0.1 to 0.5), got {self.step_size!r}: the localization term alone would diverge."
-                )
-            return
-        max_precond = 1.0 if self.sampler == "sgld" else 1.0 / float(self.rmsprop_eps)
-        if float(self.step_size) * float(self.localization) * max_precond >= 4.0:
-            raise ValueError(
-                f"BIFArguments.step_size * localization{' / rmsprop_eps' if self.sampler != 'sgld' else ''} must be "
-                f"< 4, got {float(self.step_size) * float(self.localization) * max_precond:g}: the localization "
-                "term alone would make the chain oscillate and diverge. Lower `step_size` or `localization`"
-                + (" or raise `rmsprop_eps`." if self.sampler != "sgld" else ".")
-            )
+        """The sampler's own limits (e.g. the localization term alone must not diverge: step x gamma x max G < 4),
+        declared by each sampler class (`Sampler.check_arguments`)."""
+        sampler_class(self.sampler).check_arguments(self)
 
     # ------------------------------------------------------------------ serialization
     def to_dict(self) -> Dict[str, Any]:

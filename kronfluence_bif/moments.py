@@ -1,12 +1,14 @@
 """Streaming shifted cross-moments in float64: covariance or correlation without storing traces.
 
 Values are shifted by their value at w* before accumulation, so E[xy] - E[x]E[y] does not lose digits to
-cancellation. A block of draws updates the cross sum with one GEMM. Chains and processes merge by adding sums.
+cancellation. A block of draws updates the cross sum with one GEMM. Chains and processes merge by adding sums:
+`place_owned` puts the columns one member of an evaluation group accumulated into the full sums, and
+`all_reduce_moments_` adds the sums of every process.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
@@ -81,12 +83,6 @@ class CrossMoments:
         corr = torch.where(scale > 0, cov / scale.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(cov))
         return corr.clamp_(-1.0, 1.0)
 
-    def mean_x(self) -> torch.Tensor:
-        return self.sum_x / max(self.count, 1)
-
-    def mean_y(self) -> torch.Tensor:
-        return self.sum_y / max(self.count, 1)
-
     # ------------------------------------------------------------------ (de)serialization for resume
     def state_dict(self) -> Dict[str, torch.Tensor]:
         return {
@@ -102,3 +98,40 @@ class CrossMoments:
         for name in ("sum_x", "sum_y", "sum_xx", "sum_yy", "sum_xy"):
             getattr(moments, name).copy_(state[name])
         return moments
+
+
+SUM_NAMES = ("sum_x", "sum_y", "sum_xx", "sum_yy", "sum_xy")
+
+
+def place_owned(part: CrossMoments, own: torch.Tensor, dim_x: int, dim_y: int, with_y: bool) -> CrossMoments:
+    """Full-size moments [dim_x] x [dim_y] holding the output columns `own` that `part` accumulated, zero elsewhere.
+
+    With full (not diagonal) moments every member of a group accumulates all of y, so only one (`with_y`, the
+    group's leader) contributes y's sums: after the all-reduce each draw's y is counted once.
+    """
+    full = CrossMoments(dim_x, dim_y, diagonal=part.diagonal, device=part.sum_x.device)
+    full.sum_x[own] = part.sum_x
+    full.sum_xx[own] = part.sum_xx
+    if part.diagonal:
+        for name in ("sum_y", "sum_yy", "sum_xy"):
+            getattr(full, name)[own] = getattr(part, name)
+    else:
+        full.sum_xy[:, own] = part.sum_xy
+        if with_y:
+            full.sum_y.copy_(part.sum_y)
+            full.sum_yy.copy_(part.sum_yy)
+    full.count = part.count
+    return full
+
+
+def all_reduce_moments_(
+    moments: CrossMoments,
+    reduce_sum_: Callable[[Sequence[torch.Tensor]], None],
+    extra: Sequence[torch.Tensor] = (),
+    counted: bool = True,
+) -> None:
+    """Sum `moments` (and `extra` tensors) over processes in place with `reduce_sum_` (an all-reduce of a list);
+    a process whose draws another one counts already passes `counted=False`."""
+    count = torch.tensor([moments.count if counted else 0], dtype=torch.float64)
+    reduce_sum_([count, *(getattr(moments, name) for name in SUM_NAMES), *extra])
+    moments.count = int(count.item())

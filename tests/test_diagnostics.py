@@ -203,7 +203,7 @@ def test_partition_jobs_report_the_diagnostics_of_the_full_run(
     """The health trace is the chains', not the scored columns': each partition job writes the full run's numbers."""
     from kronfluence.arguments import ScoreArguments
 
-    from kronfluence_bif import engine
+    from kronfluence_bif.engine import evaluation as engine
 
     if monitored is not None:
         monkeypatch.setattr(engine, "MONITOR_ROWS", monitored)

@@ -12,7 +12,7 @@ from scipy.linalg import solve_discrete_lyapunov
 
 from kronfluence_bif import BIFArguments
 from kronfluence_bif.curvature import CurvatureSketch, sketch_fisher
-from kronfluence_bif.sampler import SGLD, SketchSGLD
+from kronfluence_bif.sampler import SGLD, Sampler, SketchSGLD
 
 
 def _spd(eigenvalues, seed):
@@ -130,7 +130,7 @@ def test_sketch_sgld_arguments():
     with pytest.raises(ValueError, match="sketch_rank"):
         BIFArguments(sampler="sketch_sgld", sketch_rank=0)
     assert BIFArguments.from_dict(args.to_dict()) == args
-    assert issubclass(SketchSGLD, SGLD)
+    assert issubclass(SketchSGLD, Sampler) and not issubclass(SketchSGLD, SGLD)
 
 
 class SampledHalfSquaredLoss(Task):

@@ -24,7 +24,7 @@ from torch.utils.data import TensorDataset
 
 import kronfluence_bif.storage as storage
 from kronfluence_bif import Analyzer, BIFArguments, prepare_model
-from kronfluence_bif.engine import SamplingEngine
+from kronfluence_bif.engine import Evaluator
 from kronfluence_bif.tasks import RegressionTask
 
 
@@ -67,18 +67,18 @@ def instrument(out: Path, rank: int, slow: float, hang_marker: str) -> None:
 
     storage.save_file, storage.save_json = save_file, save_json
     if slow > 0:
-        real_evaluate = SamplingEngine._evaluate
+        real_evaluate = Evaluator.evaluate
 
         def evaluate(self, row, mine):
             real_evaluate(self, row, mine)
             time.sleep(slow)
 
-        SamplingEngine._evaluate = evaluate
+        Evaluator.evaluate = evaluate
 
 
 def inject_failure(after: int) -> None:
     """This process alone fails mid-sampling (as an out-of-memory error on its own batches would)."""
-    real_evaluate, calls = SamplingEngine._evaluate, [0]
+    real_evaluate, calls = Evaluator.evaluate, [0]
 
     def evaluate(self, row, mine):
         calls[0] += 1
@@ -86,7 +86,7 @@ def inject_failure(after: int) -> None:
             raise RuntimeError("injected failure")
         real_evaluate(self, row, mine)
 
-    SamplingEngine._evaluate = evaluate
+    Evaluator.evaluate = evaluate
 
 
 def main() -> None:

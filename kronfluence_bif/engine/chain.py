@@ -1,0 +1,267 @@
+"""One chain: burn-in, draws in blocks, resume from a checkpoint, checkpoint saves.
+
+The chain loop asks the sampler for steps (`Sampler.step`, on a minibatch gradient) and the evaluator to fill a
+buffer row at each kept draw; every `draws_per_block` draws the block is exchanged within the evaluation group,
+checked for divergence (one host sync per block) and added to the chain's float64 moments with one GEMM. With an
+evaluation group, a member that fails keeps pace with its partners until the next exchange, where every member
+learns of it (otherwise the partners would wait forever in the exchange).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple, Union
+
+import torch
+
+from kronfluence_bif.distributed import WorkPlan
+from kronfluence_bif.engine.evaluation import _Layout
+from kronfluence_bif.engine.guards import DivergenceGuard
+from kronfluence_bif.engine.seeds import chain_seed
+from kronfluence_bif.logs import logger
+from kronfluence_bif.moments import CrossMoments
+from kronfluence_bif.samplers import Sampler, sampler_class
+
+if TYPE_CHECKING:
+    from tqdm.auto import tqdm
+
+    from kronfluence_bif.engine.engine import SamplingEngine
+
+TRACE_NAMES = (
+    "mean_train_loss",
+    "mean_measurement",
+    "distance_from_w_star",
+    "gradient_step_norm",  # |eps/2 G nbeta/m sum grad|: the move towards lower loss in the step before a draw
+    "localization_step_norm",  # |eps/2 G gamma (w - w*)|: the pull back towards w*
+    "noise_step_norm",  # |sqrt(eps G) xi|: the injected noise
+)
+NORM_TRACES = TRACE_NAMES[3:]
+
+
+@dataclass
+class RunState:
+    """What one `SamplingEngine.run()` shares between its chains; created in one place (`SamplingEngine._start`)."""
+
+    plan: WorkPlan
+    layout: _Layout
+    shift: torch.Tensor  # float64 [n_x + n_y + n_m]: the values at w*, subtracted before accumulation
+    buffer: torch.Tensor  # float32 [draws_per_block, n_x + n_y + n_m]: one block of evaluated draws
+    step_losses: torch.Tensor  # float32 [burn-in + draws x interval]: each step's minibatch loss
+    traces: Dict[str, torch.Tensor]  # float64 [num_chains, num_draws] per TRACE_NAMES
+    guard: DivergenceGuard
+    bar: tqdm
+    bar_scale: Union[int, float]  # bar units per draw of this process: its group's share of all chains
+    sharpness: Optional[float] = None  # after the first chain's burn-in (diagnostics)
+
+
+class Chain:
+    """Runs chain `chain` of `engine` within the run `run`; `run()` returns its moments and summary."""
+
+    def __init__(self, engine: SamplingEngine, run: RunState, chain: int) -> None:
+        self.engine = engine
+        self.run_state = run
+        self.chain = chain
+        self.args = engine.args
+        self.failure: Optional[BaseException] = None
+
+    def run(self) -> Tuple[CrossMoments, Dict[str, Any]]:
+        eng, args, run = self.engine, self.args, self.run_state
+        eng.weights.reset()
+        sampler = self._make_sampler()
+        eng.stream.reset(torch.Generator().manual_seed(chain_seed(args.seed, self.chain) ^ 0x5EED))
+        resumed = self._load()
+        if resumed is not None:
+            moments, start, step, summary = self._restore(resumed, sampler)
+            if summary is not None:
+                return moments, summary
+        else:
+            moments, start, step = self._new_moments(), 0, 0
+            self._burn_in(sampler)
+            step = args.num_burnin_steps
+        run.guard.checked_steps = 0 if resumed is None else step
+        run.guard.check_steps(run.step_losses[:step], self.chain)
+        step = self._draws(sampler, moments, start, step)
+        summary = self._summary()
+        if eng.checkpoints is not None:
+            try:
+                self._save(moments, args.num_draws, step, None, summary)
+            except Exception as exc:  # noqa: BLE001 - re-raised just below, on every member
+                self.failure = self._defer(exc)
+        self._agree()
+        if run.plan.is_group_leader:
+            logger.info(
+                "Chain %d: mean train loss %.4g at w*, %.4g over draws; distance from w* %.3g at the end, "
+                "%.3g at most.",
+                self.chain,
+                summary["initial_mean_loss"],
+                summary["mean_loss"],
+                summary["final_distance_from_w_star"],
+                summary["max_distance_from_w_star"],
+            )
+        return moments, summary
+
+    def _make_sampler(self) -> Sampler:
+        eng = self.engine
+        generator = torch.Generator(device=eng.device).manual_seed(chain_seed(self.args.seed, self.chain))
+        cls = sampler_class(self.args.sampler)
+        return cls.build(eng.weights.masters, eng.weights.anchors, self.args, generator, eng.context)
+
+    def _new_moments(self) -> CrossMoments:
+        lay, diagonal = self.run_state.layout, self.engine.diagonal
+        own_x = lay.dim_x if lay.own is None else lay.own.numel()
+        own_y = own_x if diagonal else lay.dim_y
+        return CrossMoments(own_x, own_y, diagonal=diagonal, device=self.engine.device)
+
+    def _burn_in(self, sampler: Sampler) -> None:
+        """The discarded steps, then the preconditioner frozen and (first chain) the sharpness measured."""
+        for step in range(self.args.num_burnin_steps):
+            self._step(sampler, step)
+        if self.args.freeze_preconditioner:
+            sampler.freeze()
+        if self.run_state.sharpness is None:
+            # the localization's own limit is checked by BIFArguments
+            self.run_state.sharpness = self.engine.context.sharpness(sampler.apply_root, 0.0)
+
+    def _step(self, sampler: Sampler, index: int) -> None:
+        """One sampler step on the next minibatch; its loss goes to the step losses (checked once per block)."""
+        eng = self.engine
+        batch = eng.stream.next()
+        with torch.enable_grad():
+            loss = eng.views.summed_train_loss(batch, eng.model)
+        grads = torch.autograd.grad(loss, eng.weights.params)
+        sampler.step(grads, eng.stream.batch_size)
+        eng.weights.sync()
+        self.run_state.step_losses[index] = loss.detach()
+
+    # ------------------------------------------------------------------ draws
+    def _draws(self, sampler: Sampler, moments: CrossMoments, start: int, step: int) -> int:
+        """Draws `start` .. num_draws in blocks (checkpointed at block boundaries); returns the step count."""
+        args, run = self.args, self.run_state
+        filled, first = 0, start
+        for draw in range(start, args.num_draws):
+            if self.failure is None:
+                try:
+                    step = self._draw(sampler, step, filled, draw)
+                except Exception as exc:  # noqa: BLE001 - re-raised at the group's next exchange
+                    self.failure = self._defer(exc)
+            filled += 1
+            if filled == args.draws_per_block or draw == args.num_draws - 1:
+                self._agree()
+                self._flush(moments, filled, first)
+                run.guard.check_steps(run.step_losses[:step], self.chain)
+                run.bar.update(filled * run.bar_scale)
+                before, first, filled = first, first + filled, 0
+                if first < args.num_draws and self._checkpoint_due(before, first):
+                    try:
+                        self._save(moments, first, step, sampler, None)
+                    except Exception as exc:  # noqa: BLE001 - re-raised at the group's next exchange
+                        self.failure = self._defer(exc)
+        return step
+
+    def _draw(self, sampler: Sampler, step: int, row: int, draw: int) -> int:
+        """Sampler steps up to the next kept draw, then its evaluation into buffer row `row`; returns the step count."""
+        eng, run, interval = self.engine, self.run_state, self.args.draw_interval
+        for k in range(interval):
+            sampler.track_norms = k == interval - 1
+            self._step(sampler, step)
+            step += 1
+        eng.evaluator.evaluate(run.buffer[row], run.layout.mine)
+        traces = run.traces
+        traces["distance_from_w_star"][self.chain, draw] = eng.weights.distance_from_anchor()
+        for name, value in zip(NORM_TRACES, sampler.last_norms):
+            traces[name][self.chain, draw] = value
+        return step
+
+    def _flush(self, moments: CrossMoments, filled: int, first: int) -> None:
+        """Exchange the group's shards, check, shift by the values at w*, reduce, and add the block."""
+        eng, run = self.engine, self.run_state
+        lay, evaluator = run.layout, eng.evaluator
+        block = run.buffer[:filled]
+        eng.state.all_gather_columns(block, lay.gather_columns, run.plan.group_ranks)
+        mean_loss = evaluator.monitor_mean(block, lay)
+        run.guard.check_block(mean_loss, block, self.chain, first)
+        run.traces["mean_train_loss"][self.chain, first : first + filled] = mean_loss
+        run.traces["mean_measurement"][self.chain, first : first + filled] = evaluator.mean_measurement(block, lay)
+        moments.update(*evaluator.centered(block, run.shift, lay, eng.diagonal))
+
+    # ------------------------------------------------------------------ group failures
+    def _defer(self, exc: BaseException) -> BaseException:
+        """Alone, fail now; in an evaluation group, hold the error until the group's next exchange."""
+        if self.run_state.plan.num_shards == 1:
+            raise exc
+        return exc
+
+    def _agree(self) -> None:
+        """In an evaluation group: every member raises when any member failed (one small exchange per block)."""
+        plan, failure = self.run_state.plan, self.failure
+        if plan.num_shards == 1:
+            return
+        report = None if failure is None else f"{type(failure).__name__}: {failure}"
+        reports = self.engine.state.group_all_gather_object(report, plan.group_ranks)
+        if failure is not None:
+            raise failure
+        for rank, message in zip(plan.group_ranks, reports):
+            if message is not None:
+                raise RuntimeError(f"Process {rank} of this evaluation group failed on chain {self.chain}: {message}")
+
+    # ------------------------------------------------------------------ checkpoints and summary
+    def _load(self) -> Optional[Tuple[Dict[str, torch.Tensor], Dict[str, Any]]]:
+        """This chain's checkpoint, if any (in a group: only when every member has the same one)."""
+        eng, plan = self.engine, self.run_state.plan
+        resumed = eng.checkpoints.load(self.chain) if eng.checkpoints is not None else None
+        if plan.num_shards > 1 and eng.checkpoints is not None:
+            # the members of a group exchange values every block, so they resume from the same draw or not at all
+            where = None if resumed is None else (resumed[1]["draws_done"], resumed[1]["done"])
+            if len(set(eng.state.group_all_gather_object(where, plan.group_ranks))) != 1:
+                logger.warning("Chain %d: the group's checkpoints disagree; the chain starts over.", self.chain)
+                resumed = None
+        return resumed
+
+    def _restore(self, resumed, sampler: Sampler) -> Tuple[CrossMoments, int, int, Optional[Dict[str, Any]]]:
+        """Moments, traces, weights, sampler and stream from a checkpoint: (moments, draw, step, summary if done)."""
+        eng, run = self.engine, self.run_state
+        tensors, meta = resumed
+        moments = CrossMoments.from_state_dict(_prefixed(tensors, "moments."), eng.device)
+        start, step = int(meta["draws_done"]), int(meta["steps_done"])
+        for name in TRACE_NAMES:
+            run.traces[name][self.chain, :start] = tensors[f"trace.{name}"].to(eng.device)
+        run.bar.update(start * run.bar_scale)
+        if meta["done"]:
+            logger.info("Chain %d: complete in its checkpoint; not sampled again.", self.chain)
+            return moments, start, step, meta["summary"]
+        eng.weights.load_masters_state(tensors)
+        sampler.load_state_dict(_prefixed(tensors, "sampler."))
+        eng.stream.load_state_dict(_prefixed(tensors, "stream."))
+        logger.info("Chain %d: resuming from its checkpoint at draw %d of %d.", self.chain, start, self.args.num_draws)
+        return moments, start, step, None
+
+    def _checkpoint_due(self, before: int, after: int) -> bool:
+        every = self.args.checkpoint_interval
+        return self.engine.checkpoints is not None and every > 0 and after // every > before // every
+
+    def _save(self, moments, draws_done: int, steps_done: int, sampler: Optional[Sampler], summary) -> None:
+        eng, traces = self.engine, self.run_state.traces
+        tensors = {f"moments.{k}": v for k, v in moments.state_dict().items()}
+        tensors.update({f"trace.{n}": traces[n][self.chain, :draws_done] for n in TRACE_NAMES})
+        if sampler is not None:
+            tensors.update(eng.weights.masters_state())
+            tensors.update({f"sampler.{k}": v for k, v in sampler.state_dict().items()})
+            tensors.update({f"stream.{k}": v for k, v in eng.stream.state_dict().items()})
+        meta = {"draws_done": draws_done, "steps_done": steps_done, "done": summary is not None, "summary": summary}
+        eng.checkpoints.save(self.chain, tensors, meta)
+
+    def _summary(self) -> Dict[str, Any]:
+        guard, traces = self.run_state.guard, self.run_state.traces
+        distance = traces["distance_from_w_star"][self.chain]
+        return {
+            "chain": self.chain,
+            "initial_mean_loss": guard.init_mean,
+            "loss_scale": guard.scale,  # max(L(w*), num_weights / (2 nbeta)): what "far above the start" means
+            "mean_loss": float(traces["mean_train_loss"][self.chain].mean()),
+            "final_distance_from_w_star": float(distance[-1]),
+            "max_distance_from_w_star": float(distance.max()),
+        }
+
+
+def _prefixed(tensors: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}

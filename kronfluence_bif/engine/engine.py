@@ -1,0 +1,195 @@
+"""The sampling phase: this process's chains of one BIF computation, pooled over chains and processes.
+
+`SamplingEngine.run()` evaluates the values at w* (the shift), creates the run's state (`RunState`, in `_start`),
+runs each of this process's chains (`chain.Chain`), and pools: chains by adding their sums, processes by an
+all-reduce of the sums (each chain counted once, by the leader of its evaluation group). The model leaves this
+module with exactly w*, whatever happens (the caller's `SampledWeights` restores it).
+
+The seams: a chain asks its `Sampler` (`kronfluence_bif.samplers`, chosen by name from the registry, never
+branched on here) to step and the `Evaluator` to fill a buffer row; a runner that advances several chains in
+lockstep (batched evaluation) takes `Chain`'s place in `_run`, with the same `RunState`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from kronfluence_bif.arguments import BIFArguments
+from kronfluence_bif.checkpoints import CheckpointStore
+from kronfluence_bif.data import MinibatchStream
+from kronfluence_bif.distributed import ProcessState, WorkPlan
+from kronfluence_bif.engine.chain import TRACE_NAMES, Chain, RunState
+from kronfluence_bif.engine.evaluation import Evaluator, Side, monitor_rows
+from kronfluence_bif.engine.guards import DivergenceGuard, probe_sharpness
+from kronfluence_bif.engine.seeds import chain_seed
+from kronfluence_bif.logs import logger
+from kronfluence_bif.loss_views import LossViews
+from kronfluence_bif.moments import CrossMoments, all_reduce_moments_, place_owned
+from kronfluence_bif.parameters import SampledWeights
+from kronfluence_bif.samplers import SamplerContext
+from kronfluence_bif.threads import choose_threads, using_threads
+
+TQDM_BAR_FORMAT = (
+    "{desc} [{n_fmt}/{total_fmt}] {percentage:3.0f}%|{bar}{postfix} [time left: {remaining}, time spent: {elapsed}]"
+)
+
+
+@dataclass
+class SamplingResult:
+    moments: CrossMoments
+    chain_summaries: List[Dict[str, float]] = field(default_factory=list)
+    traces: Dict[str, torch.Tensor] = field(default_factory=dict)
+    sharpness: Optional[float] = None  # largest preconditioned curvature after burn-in (diagnostics)
+    widths: Tuple[int, int] = (1, 1)  # values per train example and per query (per-token runs: T and 1 + T)
+    token_scores: Optional[torch.Tensor] = None  # [q, Tq, n, T] when the query side has token values
+    scores: Optional[torch.Tensor] = None  # set when column blocks were pooled into scores already
+
+
+class SamplingEngine:
+    """Runs this process's chains of one BIF computation and returns the moments pooled over all processes."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        views: LossViews,
+        weights: SampledWeights,
+        stream: MinibatchStream,
+        x: Side,
+        y: Optional[Side],
+        args: BIFArguments,
+        diagonal: bool = False,
+        amp_dtype: Optional[torch.dtype] = None,
+        disable_tqdm: bool = False,
+        state: Optional[ProcessState] = None,
+        checkpoints: Optional[CheckpointStore] = None,
+        monitor: Optional[List[int]] = None,
+    ) -> None:
+        """`monitor`: the training rows whose mean loss traces each chain (default: `monitor_rows` of x's rows)."""
+        self.model = model
+        self.views = views
+        self.weights = weights
+        self.stream = stream
+        self.x, self.y = x, y  # y None: self-influence Var(x), y = x
+        self.diagonal = diagonal or y is None  # self-influence pairs example i with itself only
+        self.args = args
+        self.disable_tqdm = disable_tqdm
+        self.state = state if state is not None else ProcessState.local()
+        self.checkpoints = checkpoints
+        self.device = weights.params[0].device
+        scored = self.x.batches.indices
+        scored = list(range(self.x.size)) if scored is None else scored
+        monitor_index, monitor_side = self._monitor(
+            scored, monitor if monitor is not None else monitor_rows(scored, args.seed)
+        )
+        self.evaluator = Evaluator(model, x, y, monitor_index, monitor_side, amp_dtype, self.device)
+        sharpness = partial(probe_sharpness, model, views, weights, stream, args)
+        self.context = SamplerContext(model, views, weights, stream, self.device, chain_seed(args.seed, 0), sharpness)
+
+    def _monitor(self, scored: List[int], rows: List[int]) -> Tuple[Optional[torch.Tensor], Optional[Side]]:
+        """x's rows holding the monitor rows when this job scores them all; else a Side evaluating them apart (with
+        x's own view, so the values are computed exactly as in a job that scores them)."""
+        position = {r: i for i, r in enumerate(scored)}
+        if all(r in position for r in rows):
+            return torch.tensor([position[r] for r in rows], dtype=torch.long, device=self.device), None
+        return None, Side(self.stream.source.batches(rows, self.x.batches.batch_size), self.x.view)
+
+    def check_views(self) -> None:
+        """The per-example contract on the first batch of each side, at w*, in full precision."""
+        self.evaluator.check_views(self.diagonal)
+
+    def run(self) -> SamplingResult:
+        """This process's chains, then the pooled moments, traces and summaries of all processes.
+
+        Runs with the thread count of `kronfluence_bif.threads.choose_threads`; the caller's is restored after.
+        """
+        self.weights.reset()
+        choice = choose_threads(
+            self.args.num_threads,
+            self.device,
+            lambda: self.views.summed_train_loss(self.x.batches.first(), self.model),
+        )
+        logger.info("Sampling with %d CPU thread(s): %s.", choice.threads, choice.reason)
+        with using_threads(choice.threads):
+            return self._run()
+
+    def _run(self) -> SamplingResult:
+        plan = self.state.plan(self.args.num_chains)
+        self.state.make_groups(plan)
+        run = self._start(plan)
+        total: Optional[CrossMoments] = None
+        summaries: List[Dict[str, Any]] = []
+        error: Optional[BaseException] = None
+        try:
+            for chain in plan.chains:
+                moments, summary = Chain(self, run, chain).run()
+                total = moments if total is None else total.merge_(moments)
+                summaries.append(summary)
+        except Exception as exc:  # noqa: BLE001 - every process must learn of it, or the others would hang
+            error = exc
+        finally:
+            run.bar.close()
+        self.state.raise_if_any_failed(error)
+        return self._pool(total, run, summaries)
+
+    def _start(self, plan: WorkPlan) -> RunState:
+        """The run's state: the layout, the values at w* and the limits they set, the buffers, traces and bar."""
+        args = self.args
+        lay = self.evaluator.layout(plan)
+        f32 = {"dtype": torch.float32, "device": self.device}
+        shift = torch.empty(lay.width, **f32)
+        self.weights.reset()  # the shift is the value at w*, whatever ran before (column blocks share the y sums)
+        self.evaluator.evaluate(shift, None)
+        init_mean = float(self.evaluator.monitor_mean(shift[None], lay)[0])
+        guard = DivergenceGuard(args, shift, init_mean, sum(p.numel() for p in self.weights.params))
+        traces = {
+            name: torch.zeros(args.num_chains, args.num_draws, dtype=torch.float64, device=self.device)
+            for name in TRACE_NAMES
+        }
+        bar = tqdm(
+            total=args.num_chains * args.num_draws,
+            desc="Sampling BIF draws",
+            bar_format=TQDM_BAR_FORMAT,
+            disable=self.disable_tqdm or not self.state.is_main_process,
+        )
+        # the main process advances the bar for its whole group's share, so the ETA covers every process
+        scale = args.num_chains / len(plan.chains)
+        return RunState(
+            plan=plan,
+            layout=lay,
+            shift=shift.double(),
+            buffer=torch.empty(args.draws_per_block, lay.width, **f32),
+            step_losses=torch.empty(args.num_burnin_steps + args.num_draws * args.draw_interval, **f32),
+            traces=traces,
+            guard=guard,
+            bar=bar,
+            bar_scale=int(scale) if scale.is_integer() else scale,  # "32/1600", not "32.0/1600"
+        )
+
+    def _pool(self, total: CrossMoments, run: RunState, summaries: List[Dict[str, Any]]) -> SamplingResult:
+        """Add the sums of every process (each chain counted once: by the leader of its group)."""
+        plan, lay, state, traces = run.plan, run.layout, self.state, run.traces
+        sharpness = run.sharpness
+        if lay.own is not None:
+            total = place_owned(total, lay.own, lay.dim_x, lay.dim_y, with_y=plan.is_group_leader)
+        if state.distributed:
+            if not plan.is_group_leader:
+                for t in traces.values():
+                    t.zero_()
+            all_reduce_moments_(total, state.all_reduce_sum_, list(traces.values()), counted=plan.is_group_leader)
+            gathered = state.all_gather_object((summaries if plan.is_group_leader else [], sharpness))
+            summaries = sorted((s for part, _ in gathered for s in part), key=lambda s: s["chain"])
+            found = [v for _, v in gathered if v is not None]
+            sharpness = max(found) if found else None
+        return SamplingResult(
+            moments=total,
+            chain_summaries=summaries,
+            traces={k: v.cpu() for k, v in traces.items()},
+            sharpness=sharpness,
+            widths=(self.x.width, self.y.width if self.y is not None else 1),
+        )

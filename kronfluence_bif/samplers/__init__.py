@@ -1,0 +1,22 @@
+"""Samplers of the BIF posterior: a `Sampler` protocol (`base`), and the registered ones.
+
+`SAMPLERS` maps each `BIFArguments.sampler` name to its class; importing this package registers the built-in
+three (`sgld`, `rmsprop_sgld`, `sketch_sgld`). A new sampler: subclass `Sampler`, decorate it with
+`register_sampler("name")`, and import its module before building `BIFArguments(sampler="name")`.
+"""
+
+from kronfluence_bif.samplers.base import SAMPLERS, Sampler, SamplerContext, register_sampler, sampler_class
+from kronfluence_bif.samplers.rmsprop import RMSpropSGLD
+from kronfluence_bif.samplers.sgld import SGLD
+from kronfluence_bif.samplers.sketch import SketchSGLD
+
+__all__ = [
+    "RMSpropSGLD",
+    "SAMPLERS",
+    "SGLD",
+    "Sampler",
+    "SamplerContext",
+    "SketchSGLD",
+    "register_sampler",
+    "sampler_class",
+]
