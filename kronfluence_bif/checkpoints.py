@@ -18,7 +18,7 @@ import torch
 from kronfluence_bif import storage
 from kronfluence_bif.logs import logger
 
-CHECKPOINT_DIR = "bif_checkpoints"
+CHECKPOINT_DIR = storage.CHECKPOINT_DIR  # kept here too: tests and users import it from this module
 FORMAT_VERSION = 1
 
 

@@ -23,13 +23,13 @@ import torch
 
 from kronfluence_bif import storage
 from kronfluence_bif.logs import logger
-from kronfluence_bif.storage import jsonable  # noqa: F401 - also importable from here, as before
+from kronfluence_bif.storage import ScoreKind, jsonable  # noqa: F401 - also importable from here, as before
 
 ScoresLike = Union[str, "os.PathLike[str]", torch.Tensor, np.ndarray, Mapping[str, torch.Tensor], "ScoreSet"]
 
 # Dataset metadata written by kronfluence (and by kronfluence-bif's scoring) beside every score file.
 DATASET_METADATA_FILES = storage.DATASET_METADATA_FILES
-SCORE_KINDS = ("pairwise", "self")
+SCORE_KINDS = tuple(ScoreKind)
 
 # Per-query metrics of a Comparison, in table order, with their table labels ({k} is filled in).
 METRICS: Tuple[Tuple[str, str], ...] = (
@@ -63,7 +63,9 @@ class ScoreSet:
 
     @property
     def kinds(self) -> List[str]:
-        return [k for k, v in (("pairwise", self.pairwise), ("self", self.self_scores)) if v is not None]
+        return [
+            k for k, v in ((ScoreKind.PAIRWISE, self.pairwise), (ScoreKind.SELF, self.self_scores)) if v is not None
+        ]
 
 
 def _tensor_to_array(value: Any, label: str) -> np.ndarray:
@@ -123,7 +125,7 @@ def _load_folder(folder: Path, label: str) -> ScoreSet:
         path = storage.score_file(folder, kind)
         if path.exists():
             array = _from_mapping(storage.load_tensors(path), f"{label} ({path.name})")
-            if (kind == "self") != (array.ndim == 1):
+            if (kind == ScoreKind.SELF) != (array.ndim == 1):
                 raise ValueError(f"{label}: `{path}` holds a tensor of shape {list(array.shape)}, not {kind} scores.")
             _assign(scores, array, label)
     if scores.kinds:
@@ -390,7 +392,7 @@ class Comparison:
     def to_table(self) -> str:
         """Human-readable report: one line per metric with mean / median / min over queries."""
         lines = [f"A: {self.label_a}", f"B: {self.label_b}"]
-        if self.kind == "self":
+        if self.kind == ScoreKind.SELF:
             lines.append(f"self-influence scores: {self.n_train} training examples; k = {self.k}")
             lines.append("")
             lines.append(f"{'metric':<48}{'value':>10}")
@@ -461,10 +463,12 @@ def _pick_kind(a: ScoreSet, b: ScoreSet) -> str:
 
 def _score_rows(a: ScoreSet, b: ScoreSet, kind: str) -> Tuple[np.ndarray, np.ndarray]:
     """The compared arrays as rows (self scores become one row); raises when their shapes differ."""
-    xa, xb = (a.pairwise, b.pairwise) if kind == "pairwise" else (a.self_scores[None], b.self_scores[None])
+    xa, xb = (a.pairwise, b.pairwise) if kind == ScoreKind.PAIRWISE else (a.self_scores[None], b.self_scores[None])
     if xa.shape != xb.shape:
-        what = "[n_query, n_train]" if kind == "pairwise" else "[n_train]"
-        shape_a, shape_b = (list(xa.shape), list(xb.shape)) if kind == "pairwise" else ([xa.shape[1]], [xb.shape[1]])
+        what = "[n_query, n_train]" if kind == ScoreKind.PAIRWISE else "[n_train]"
+        shape_a, shape_b = (
+            (list(xa.shape), list(xb.shape)) if kind == ScoreKind.PAIRWISE else ([xa.shape[1]], [xb.shape[1]])
+        )
         raise ValueError(
             f"The {kind} score shapes differ: A `{a.label}` is {shape_a}, B `{b.label}` is {shape_b} ({what}). "
             "Compare scores of the same queries and training examples."
@@ -508,7 +512,7 @@ def compare(
         label_a=sa.label,
         label_b=sb.label,
         kind=kind,
-        n_query=n_query if kind == "pairwise" else None,
+        n_query=n_query if kind == ScoreKind.PAIRWISE else None,
         n_train=n_train,
         k=int(k),
         constant_in_a=np.flatnonzero(_constant_rows(xa) & ~nonfinite).tolist(),
@@ -516,7 +520,7 @@ def compare(
         non_finite=np.flatnonzero(nonfinite).tolist(),
         **metrics,
     )
-    if kind == "self":
+    if kind == ScoreKind.SELF:
         result.self_spearman, result.self_pearson = float(metrics["spearman"][0]), float(metrics["pearson"][0])
     elif sa.self_scores is not None and sb.self_scores is not None:
         if sa.self_scores.shape != sb.self_scores.shape:

@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Optional, Union
 import numpy as np
 
 from kronfluence_bif.compare import ScoreSet, load_scores
+from kronfluence_bif.storage import ScoreKind
 from kronfluence_bif.tables import text_table
 
 
@@ -42,7 +43,7 @@ def _inspect_self(
     order = np.argsort(-values, kind="stable")
     return {
         "folder": str(folder),
-        "kind": "self",
+        "kind": ScoreKind.SELF,
         "n_train": int(values.size),
         "top": top,
         "highest": _entries(values, order[:top], train_indices),
@@ -75,7 +76,7 @@ def inspect_scores(folder: Union[str, Path], query: Optional[int] = None, top: i
     harmful = harmful[np.argsort(row[harmful], kind="stable")][:top]
     return {
         "folder": str(folder),
-        "kind": "pairwise",
+        "kind": ScoreKind.PAIRWISE,
         "n_query": int(n_query),
         "n_train": int(n_train),
         "query": int(query),
@@ -96,7 +97,7 @@ def _section(title: str, entries: List[Dict[str, Any]]) -> List[str]:
 
 def format_inspection(result: Dict[str, Any]) -> str:
     """Text form of `inspect_scores`."""
-    if result["kind"] == "self":
+    if result["kind"] == ScoreKind.SELF:
         lines = [f"{result['folder']}: self-influence scores of {result['n_train']} training examples"]
         lines += _section(f"Highest {result['top']} self-influence scores:", result["highest"])
         lines += _section(f"Lowest {result['top']} self-influence scores:", result["lowest"])

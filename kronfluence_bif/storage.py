@@ -32,6 +32,7 @@ FACTOR_ARGUMENTS_FILE = "factor_arguments.json"
 SCORE_ARGUMENTS_FILE = "score_arguments.json"
 DATASET_METADATA_FILES = {"query": "query_dataset_metadata.json", "train": "train_dataset_metadata.json"}
 BIF_HEADER_KEY = "bif_arguments"
+CHECKPOINT_DIR = "bif_checkpoints"  # per-chain checkpoints, inside the scores folder while a run is unfinished
 
 Partition = Optional[Tuple[int, int]]
 

@@ -25,6 +25,7 @@ from kronfluence.arguments import FactorArguments, ScoreArguments
 from kronfluence_bif import storage
 from kronfluence_bif.compare import DATASET_METADATA_FILES, Comparison, ScoresLike, compare, load_scores
 from kronfluence_bif.logs import logger
+from kronfluence_bif.storage import ScoreKind
 
 UPDATE_GOLDEN_ENV = "KRONFLUENCE_BIF_UPDATE_GOLDEN"
 _GOLDEN_FORMAT = "kronfluence_bif.testing.golden/1"
@@ -146,10 +147,10 @@ def write_score_folder(
         raise ValueError(
             f"`scores` must be [n_train], [n_query, n_train] or [n_query, n_train, T], got {list(tensor.shape)}."
         )
-    kind = "self" if tensor.ndim == 1 else "pairwise"
-    n_train = tensor.shape[0] if kind == "self" else tensor.shape[1]
+    kind = ScoreKind.SELF if tensor.ndim == 1 else ScoreKind.PAIRWISE
+    n_train = tensor.shape[0] if kind == ScoreKind.SELF else tensor.shape[1]
     metadata = {"train": train_dataset_metadata or {"type": "TensorDataset", "dataset_size": n_train, "indices": None}}
-    if kind == "pairwise":
+    if kind == ScoreKind.PAIRWISE:
         default_query = {"type": "TensorDataset", "dataset_size": tensor.shape[0], "indices": None}
         metadata["query"] = query_dataset_metadata or default_query
     dtype = score_args.score_dtype

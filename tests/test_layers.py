@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ast
 from pathlib import Path
-from typing import Dict, Set
+from typing import Dict, Optional, Set
 
 PACKAGE = "kronfluence_bif"
 ROOT = Path(__file__).resolve().parents[1] / PACKAGE
@@ -38,14 +38,15 @@ def _within(name: str, prefix: str) -> bool:
     return name == prefix or name.startswith(prefix + ".")
 
 
-def imported_modules(path: Path) -> Set[str]:
+def imported_modules(path: Path, tree: Optional[ast.AST] = None) -> Set[str]:
     """The package modules `path` imports, as dotted names (`from kronfluence_bif import storage` gives
     `kronfluence_bif.storage`, `from kronfluence_bif import Analyzer` gives `kronfluence_bif`)."""
     name = module_name(path)
     is_package = path.name == "__init__.py"
     known = package_modules()
     found: Set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+    tree = tree if tree is not None else ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -90,3 +91,54 @@ def test_leaf_modules_import_nothing_from_the_package():
     modules = package_modules()
     found = {leaf: sorted(imported_modules(modules[f"{PACKAGE}.{leaf}"])) for leaf in LEAVES}
     assert not {leaf: imports for leaf, imports in found.items() if imports}
+
+
+# The layers, lowest first: a module imports (at run time) only modules of its own layer or lower ones. Type-only
+# imports (`if TYPE_CHECKING:`) are exempt: they run nowhere. A new module goes in the lowest layer it can.
+LAYERS = [
+    ["errors", "logs", "tables", "argtypes", "usage", "moments", "parameters", "task", "engine.seeds"],
+    ["storage", "threads", "tracking", "curvature", "distributed", "loss_views", "tasks"],
+    ["checkpoints", "data", "compare"],
+    ["samplers", "samplers.*", "sampler", "inspection", "lds", "testing"],
+    ["arguments"],
+    ["diagnostics", "engine", "engine.*"],
+    ["requests", "problem"],
+    ["scoring", "calibrate"],
+    ["analyzer"],
+    ["", "cli", "__main__"],  # "" is the package itself
+]
+
+
+def layer_of(module: str) -> int:
+    short = module[len(PACKAGE) + 1 :] if module != PACKAGE else ""
+    for level, names in enumerate(LAYERS):
+        if short in names or any(n.endswith(".*") and short.startswith(n[:-1]) for n in names):
+            return level
+    raise AssertionError(f"{module} is in no layer of tests/test_layers.py: add it to LAYERS")
+
+
+def runtime_imports(path: Path) -> Set[str]:
+    """`imported_modules` without the imports under `if TYPE_CHECKING:`, and without the package itself where it
+    only names submodules (`from kronfluence_bif import storage` imports `storage`, not the package's API)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            node.body = [ast.Pass()]
+    known = package_modules()
+    api = any(
+        isinstance(node, ast.ImportFrom)
+        and node.module == PACKAGE
+        and any(f"{PACKAGE}.{a.name}" not in known for a in node.names)
+        for node in ast.walk(tree)
+    )
+    found = imported_modules(path, tree)
+    return found if api else found - {PACKAGE}
+
+
+def test_imports_never_go_up_a_layer():
+    offenders = []
+    for name, path in library_modules().items():
+        for module in runtime_imports(path):
+            if module != name and layer_of(module) > layer_of(name):
+                offenders.append(f"{name} (layer {layer_of(name)}) imports {module} (layer {layer_of(module)})")
+    assert not offenders, "\n".join(sorted(offenders))

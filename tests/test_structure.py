@@ -1,4 +1,4 @@
-"""The library's shape (issue 13): short functions, state created in `__init__`, imports that run one way.
+"""The library's shape (issue 13): short functions and state created in `__init__` (imports: test_layers.py).
 
 Static checks over the source (ast), so they cost milliseconds. The demo package is exempt from the length limit
 (it is a script with prose), not from the rest.
@@ -88,18 +88,6 @@ def late_attributes() -> List[str]:
     return sorted(found)
 
 
-def imports(path: Path) -> Set[str]:
-    """The kronfluence_bif modules `path` imports (absolute names)."""
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("kronfluence_bif"):
-            names.add(node.module)
-            names.update(f"{node.module}.{a.name}" for a in node.names)
-        elif isinstance(node, ast.Import):
-            names.update(a.name for a in node.names if a.name.startswith("kronfluence_bif"))
-    return names
-
-
 def test_no_library_function_is_longer_than_60_lines():
     offenders = [f for path in library_files(include_demo=False) for f in long_functions(path)]
     assert not offenders, "\n".join(offenders)
@@ -108,14 +96,3 @@ def test_no_library_function_is_longer_than_60_lines():
 def test_no_attribute_is_first_set_outside_the_constructor():
     offenders = late_attributes()
     assert not offenders, "\n".join(offenders)
-
-
-def test_the_library_never_imports_the_demo_or_the_cli():
-    graph: Dict[str, Set[str]] = {module_name(p): imports(p) for p in library_files(include_demo=False)}
-    bad: List[Tuple[str, str]] = [
-        (m, i)
-        for m, deps in graph.items()
-        for i in deps
-        if i.startswith("kronfluence_bif.demo") or (i == "kronfluence_bif.cli" and m != "kronfluence_bif.__main__")
-    ]
-    assert not bad, bad

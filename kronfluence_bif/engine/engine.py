@@ -42,13 +42,13 @@ TQDM_BAR_FORMAT = (
 
 @dataclass
 class SamplingResult:
-    moments: CrossMoments
+    """What a run's chains give, pooled over every process: the moment sums, the chains' summaries and traces."""
+
+    moments: Optional[CrossMoments]  # None once the scorer has formed the scores (the sums are dropped then)
     chain_summaries: List[Dict[str, float]] = field(default_factory=list)
     traces: Dict[str, torch.Tensor] = field(default_factory=dict)
     sharpness: Optional[float] = None  # largest preconditioned curvature after burn-in (diagnostics)
     widths: Tuple[int, int] = (1, 1)  # values per train example and per query (per-token runs: T and 1 + T)
-    token_scores: Optional[torch.Tensor] = None  # [q, Tq, n, T] when the query side has token values
-    scores: Optional[torch.Tensor] = None  # set when column blocks were pooled into scores already
 
 
 class SamplingEngine:
