@@ -113,7 +113,11 @@ class ChainBatch:
         call = _ViewCall(self.model, view)
         out = []
         for k, weights in enumerate(unstack_weights(self.stacked)):
-            chain_batch = batch if batch_dim is None else tree_map(lambda t, k=k: t[k], batch)
+            chain_batch = (
+                batch
+                if batch_dim is None
+                else tree_map(lambda t, k=k: t[k] if isinstance(t, torch.Tensor) else t, batch)
+            )
             out.append(torch.func.functional_call(call, self._prefixed(weights), (chain_batch,)))
         return torch.stack(out)
 
