@@ -158,7 +158,7 @@ def per_token_loss(batch: Dict[str, torch.Tensor], model: nn.Module) -> torch.Te
 def make_case(n: int, q: int, length: int, train_steps: int, device: torch.device, width: int = 128) -> Dict:
     """Model, task and data of the per-token case, and the floor's view of them (data cached on `device`)."""
     train, query, text = make_data(n, q, length)
-    model = train_briefly(make_model(length, width), text, length, train_steps).to(device)
+    model = train_briefly(make_model(length, width).to(device), text.to(device), length, train_steps)
     names = [f"{m}.{p}" for m in linear_names(model) for p, _ in dict(model.named_modules())[m].named_parameters()]
     on_device = {
         k: {f: getattr(d, f).to(device) for f in ("input_ids", "labels")} for k, d in (("t", train), ("q", query))
