@@ -60,10 +60,20 @@ def small_data():
     return make_regression(48, seed=0), make_regression(10, seed=1)
 
 
-@pytest.fixture()
-def trained_mlp(small_data):
+@pytest.fixture(scope="session")
+def _trained_mlp_state(small_data):
+    """The weights `fit(make_mlp(), train)` gives, trained once per session (deterministic: seeded, full batch)."""
     train, _ = small_data
-    return fit(make_mlp(), train)
+    return state_copy(fit(make_mlp(), train))
+
+
+@pytest.fixture()
+def trained_mlp(_trained_mlp_state):
+    """A fresh trained MLP per test (tests wrap and move it): `make_mlp()` (which reseeds torch's global RNG, as
+    training from scratch did) with the cached trained weights, bitwise those of training it here."""
+    model = make_mlp()
+    model.load_state_dict(_trained_mlp_state)
+    return model.eval()
 
 
 def state_copy(model: nn.Module) -> dict:
