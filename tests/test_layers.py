@@ -97,7 +97,7 @@ def test_leaf_modules_import_nothing_from_the_package():
 # imports (`if TYPE_CHECKING:`) are exempt: they run nowhere. A new module goes in the lowest layer it can.
 LAYERS = [
     ["errors", "logs", "tables", "argtypes", "usage", "moments", "parameters", "task", "engine.seeds"],
-    ["storage", "threads", "tracking", "curvature", "distributed", "loss_views", "tasks"],
+    ["storage", "threads", "tracking", "curvature", "distributed", "loss_views", "tasks", "batched"],
     ["checkpoints", "data", "compare"],
     ["samplers", "samplers.*", "sampler", "inspection", "lds", "testing"],
     ["arguments"],
