@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
 import numpy as np
@@ -174,6 +175,13 @@ class Linearization:
         return -(out.log_softmax(-1).gather(-1, self.targets.expand(len(out), -1)[..., None])[..., 0])
 
 
+def chain_health(scores_dir: Path, num_draws: int) -> Dict[str, float]:
+    """R-hat of the mean train loss and the mean ESS fraction per chain, from a run's bif_diagnostics.json."""
+    diag = json.loads((scores_dir / "bif_diagnostics.json").read_text())
+    ess = [c["ess_mean_train_loss"] for c in diag["chains"]]
+    return {"rhat": diag["rhat_mean_train_loss"], "ess_fraction": float(np.mean(ess)) / num_draws}
+
+
 def covariance(values: torch.Tensor, n: int) -> np.ndarray:
     """[nq, n] sample covariance of query (columns n:) and train (columns :n) values over the draws."""
     centred = values - values.mean(0)
@@ -242,20 +250,24 @@ def main() -> None:
                 rows.append({"setting": label, "what": f"sampler {name}", "error": str(exc).splitlines()[0][:120]})
                 print(json.dumps(rows[-1]), flush=True)
                 continue
-            add(label, f"sampler {name}", scores, secs)
+            health = chain_health(setup.out / f"eb_{args.task}" / f"scores_eb{i}", settings["num_draws"])
+            add(label, f"sampler {name}", scores, secs, **health)
     lines = [
         f"### {args.task}: {lin.n} train x {lin.nq} query, {lin.p} weights, LDS vs {len(setup.masks)} retrains "
         f"on halves",
         "",
-        "| setting | estimate | LDS | Spearman vs EK-FAC | time (s) |",
-        "|---|---|---:|---:|---:|",
+        "| setting | estimate | LDS | Spearman vs EK-FAC | time (s) | R-hat | ESS fraction |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         if "error" in row:
-            lines.append(f"| {row['setting']} | {row['what']} | diverged | | |")
+            lines.append(f"| {row['setting']} | {row['what']} | failed: {row['error'][:60]} | | | | |")
             continue
         secs = "" if row["seconds"] != row["seconds"] else f"{row['seconds']:.1f}"
-        lines.append(f"| {row['setting']} | {row['what']} | {row['lds']:.3f} | {row['spearman']:.3f} | {secs} |")
+        health = f"{row['rhat']:.2f} | {row['ess_fraction']:.2f}" if "rhat" in row else " | "
+        lines.append(
+            f"| {row['setting']} | {row['what']} | {row['lds']:.3f} | {row['spearman']:.3f} | {secs} | {health} |"
+        )
     text = "\n".join(lines)
     print("\n" + text)
     (setup.out / f"error_budget_{args.task}.md").write_text(text + "\n")
