@@ -188,6 +188,35 @@ def covariance(values: torch.Tensor, n: int) -> np.ndarray:
     return (centred[:, n:].T @ centred[:, :n] / (len(values) - 1)).numpy()
 
 
+def exact_grid(lin: Linearization, setup: LDSSetup, ekfac: np.ndarray) -> None:
+    """Markdown tables: LDS (and Spearman vs EK-FAC) of the exact linearized estimand by nbeta and damping."""
+    nbetas, dampings = [1e2, 3e2, 1e3, 3e3, 1e4, 1e5, 1e6], [1.0, 0.3, 0.1, 0.03, 1e-2, 3e-3, 1e-3]
+    head = "| nbeta \\ damping | " + " | ".join(f"{d:g}" for d in dampings) + " |"
+    rule = "|---|" + "---:|" * len(dampings)
+    lds_lines, rho_lines = [head, rule], [head, rule]
+    first_row = ["first order (any nbeta)"]
+    for d in dampings:
+        first, _ = lin.exact(1e3, d * 1e3)
+        first_row.append(f"{setup.lds(first):.3f} / {agreement(ekfac, first)[0]:.2f}")
+    for nbeta in nbetas:
+        lds_row, rho_row = [f"{nbeta:g}"], [f"{nbeta:g}"]
+        for d in dampings:
+            _, exact = lin.exact(nbeta, d * nbeta)
+            lds_row.append(f"{setup.lds(exact):.3f}")
+            rho_row.append(f"{agreement(ekfac, exact)[0]:.2f}")
+        lds_lines.append("| " + " | ".join(lds_row) + " |")
+        rho_lines.append("| " + " | ".join(rho_row) + " |")
+        print(lds_lines[-1], flush=True)
+    text = "\n".join(
+        [f"### {setup.name}: exact linearized estimand, LDS (EK-FAC {setup.lds(ekfac):.3f})", ""]
+        + lds_lines
+        + ["| " + " | ".join(first_row) + " |", "", "Spearman vs EK-FAC:", ""]
+        + rho_lines
+    )
+    print("\n" + text)
+    (setup.out / f"exact_grid_{setup.name}.md").write_text(text + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", choices=["uci", "digits"], default="uci")
@@ -196,6 +225,7 @@ def main() -> None:
     parser.add_argument("--samplers", default=json.dumps(DEFAULT_SAMPLERS), help="JSON list of BIFArguments overrides")
     parser.add_argument("--draws", type=int, default=1600, help="total draws (i.i.d. rows; samplers: 4 chains)")
     parser.add_argument("--cache", default="./benchmark_results")
+    parser.add_argument("--exact-grid", action="store_true", help="only the exact estimand's LDS by nbeta and damping")
     parser.add_argument("--float32", action="store_true", help="Jacobians and kernel in float32 (digits: faster)")
     args = parser.parse_args()
     set_threads(1)
@@ -220,6 +250,9 @@ def main() -> None:
         f"{lin.lambda_max:.3g}; linearization {time.perf_counter() - t0:.1f} s",
         flush=True,
     )
+    if args.exact_grid:
+        exact_grid(lin, setup, ekfac)
+        return
     gen = torch.Generator().manual_seed(0)
     for nbeta, gamma in json.loads(args.settings):
         label = f"nbeta {nbeta:g}, loc {gamma:g} (d {gamma / nbeta:g})"
