@@ -107,9 +107,9 @@ class SubspaceSketchSGLD(SketchSGLD):
     The chain never leaves w* + span(V) (the sketch of the Fisher), so the flat directions are not sampled.
     """
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        lam = self.nbeta * kwargs["sketch"].eigenvalues.double()
+    def __init__(self, params, anchors, step_size, nbeta, localization, generator, sketch) -> None:
+        super().__init__(params, anchors, step_size, nbeta, localization, generator, sketch)
+        lam = self.nbeta * sketch.eigenvalues.double()
         self.prec = (1.0 / (lam + self.localization)).to(self.basis.dtype)
 
     @torch.no_grad()
@@ -160,7 +160,7 @@ def main() -> None:
     parser.add_argument("--task", choices=["uci", "digits"], default="uci")
     parser.add_argument("--retrains", type=int, default=60)
     parser.add_argument("--setting", type=float, nargs=2, default=[1e4, 1e3], metavar=("NBETA", "LOCALIZATION"))
-    parser.add_argument("--ranks", type=int, nargs="+", default=[128, 100000])
+    parser.add_argument("--ranks", type=int, nargs="*", default=[128, 100000])
     parser.add_argument("--steps", type=float, nargs="+", default=[0.5, 1.0])
     parser.add_argument("--draws", type=int, default=1600)
     parser.add_argument("--chains", type=int, default=4)
