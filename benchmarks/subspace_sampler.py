@@ -60,12 +60,26 @@ def rhat_ess(trace: np.ndarray) -> Dict[str, float]:
 class Subspace:
     """w = w* + V_k alpha on the top-k Gauss-Newton eigenvectors; Laplace precision diag(nbeta s/n + gamma)."""
 
-    def __init__(self, lin: Linearization, nbeta: float, gamma: float, rank: int) -> None:
+    def __init__(
+        self, lin: Linearization, nbeta: float, gamma: float, rank: int, span: str = "top", seed: int = 0
+    ) -> None:
         self.lin, self.nbeta, self.gamma = lin, nbeta, gamma
         k = min(rank, len(lin.s2))
-        self.basis = lin.basis[:, :k]
-        self.precision = nbeta * lin.s2[:k] / lin.n + gamma
-        self.grads_k = lin.grads_v[:, :k]  # [N, k] per-example gradients at w* on V_k
+        if span == "top":  # the exact top-k eigenvectors of the Gauss-Newton
+            coords, s2 = torch.eye(len(lin.s2), k, dtype=lin.dtype), lin.s2[:k]
+        else:  # a random Fisher sketch span(B^T Z) (the library's), optionally after power iterations, Rayleigh-Ritz
+            powers = int(span[len("sketch") :] or 0)
+            gen = torch.Generator().manual_seed(seed)
+            s = lin.s2.sqrt()
+            coords = s[:, None] * torch.randn(len(s), k, generator=gen, dtype=lin.dtype)  # V^T B^T Z
+            for _ in range(powers):
+                coords = lin.s2[:, None] * torch.linalg.qr(coords)[0]
+            coords = torch.linalg.qr(coords)[0]
+            evals, evecs = torch.linalg.eigh(coords.T @ (lin.s2[:, None] * coords))  # Rayleigh-Ritz on the span
+            coords, s2 = coords @ evecs.flip(1), evals.flip(0)
+        self.basis = lin.basis @ coords  # [p, k] orthonormal
+        self.precision = nbeta * s2 / lin.n + gamma
+        self.grads_k = lin.grads_v @ coords  # [N, k] per-example gradients at w* on the span
 
     def linear_exact(self) -> np.ndarray:
         """g_q^T Sigma_k g_i: the control variate's known covariance (the damped GN IF on the span)."""
@@ -161,6 +175,7 @@ def main() -> None:
     parser.add_argument("--retrains", type=int, default=60)
     parser.add_argument("--setting", type=float, nargs=2, default=[1e4, 1e3], metavar=("NBETA", "LOCALIZATION"))
     parser.add_argument("--ranks", type=int, nargs="*", default=[128, 100000])
+    parser.add_argument("--span", default="top", help="top (GN eigenvectors), sketch, sketch1 (1 power iteration)...")
     parser.add_argument("--steps", type=float, nargs="+", default=[0.5, 1.0])
     parser.add_argument("--draws", type=int, default=1600)
     parser.add_argument("--chains", type=int, default=4)
@@ -192,8 +207,8 @@ def main() -> None:
     add("EK-FAC", ekfac, float("nan"))
     gen = torch.Generator().manual_seed(0)
     for rank in args.ranks:
-        space = Subspace(lin, nbeta, gamma, rank)
-        k = len(space.precision)
+        space = Subspace(lin, nbeta, gamma, rank, args.span)
+        k = f"{len(space.precision)} {args.span}"
         add(f"exact first order on V_{k}", space.linear_exact(), float("nan"))
         t0 = time.perf_counter()
         eta = torch.randn(args.draws, k, generator=gen, dtype=dtype) / space.precision.sqrt()
