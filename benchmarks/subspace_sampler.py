@@ -208,10 +208,11 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     for rank in args.ranks:
         space = Subspace(lin, nbeta, gamma, rank, args.span)
-        k = f"{len(space.precision)} {args.span}"
+        dim = len(space.precision)
+        k = f"{dim} {args.span}"
         add(f"exact first order on V_{k}", space.linear_exact(), float("nan"))
         t0 = time.perf_counter()
-        eta = torch.randn(args.draws, k, generator=gen, dtype=dtype) / space.precision.sqrt()
+        eta = torch.randn(args.draws, dim, generator=gen, dtype=dtype) / space.precision.sqrt()
         values = space.losses(eta)
         secs = time.perf_counter() - t0
         for suffix, est in estimates(space, values, eta).items():
