@@ -125,6 +125,12 @@ class SubspaceSketchSGLD(SketchSGLD):
         super().__init__(params, anchors, step_size, nbeta, localization, generator, sketch)
         lam = self.nbeta * sketch.eigenvalues.double()
         self.prec = (1.0 / (lam + self.localization)).to(self.basis.dtype)
+        self.recording = False
+        RECORDED.append([])  # one list of draws' alpha = V^T (w - w*) per chain (for the control variate)
+        self.alphas = RECORDED[-1]
+
+    def freeze(self) -> None:
+        self.recording = True  # the engine calls freeze() after burn-in: every later step is a kept draw
 
     @torch.no_grad()
     def step(self, grads, batch_size: int) -> None:
@@ -143,6 +149,8 @@ class SubspaceSketchSGLD(SketchSGLD):
             self.last_norms = torch.stack([loss_move, (0.5 * eps * gamma * self.prec * coef[1]).norm(), noise.norm()])
         update = self.basis.T @ (noise - drift)
         torch._foreach_add_(self.params, _split(update, self.params))
+        if self.recording:
+            self.alphas.append((coef[1] + noise - drift).double().cpu())
         self.num_steps += 1
 
     @property
@@ -152,6 +160,44 @@ class SubspaceSketchSGLD(SketchSGLD):
             return _split(self.basis.T @ (self.prec.sqrt() * (self.basis @ flat)), v)
 
         return root
+
+
+RECORDED: List[List[torch.Tensor]] = []
+SKETCHES: List[Any] = []
+
+
+def rayleigh_ritz(lin: Linearization, original):
+    """sketch_fisher, then the exact Gauss-Newton on the sketch's span (Rayleigh-Ritz): rotated basis, eigenvalues.
+
+    The library would get V^T F V from k forward-mode passes (the directional derivatives of the n per-example
+    sampled-label losses along each basis vector); here the kernel-form roots B give it exactly.
+    """
+
+    def refined(sampled_loss, batches, params, batch_size):
+        sketch = original(sampled_loss, batches, params, batch_size)
+        shapes = [tuple(p.shape) for p in params]
+        assert shapes == [tuple(s) for s in lin.shapes], "parameter order differs from the Linearization's"
+        basis = sketch.basis.double()
+        bv = lin.roots[~lin.query_rows].double() @ basis.T  # [R_train, k]
+        evals, evecs = torch.linalg.eigh(bv.T @ bv / lin.n)
+        evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
+        out = type(sketch)(basis=(evecs.T @ basis).to(sketch.basis), eigenvalues=evals.to(sketch.eigenvalues))
+        SKETCHES.append(out)
+        return out
+
+    return refined
+
+
+def control_variate(lin: Linearization, nbeta: float, gamma: float) -> np.ndarray:
+    """P_q (Sigma_k - Cov(alpha)) P_i^T from the recorded draws of the last run and its (refined) sketch."""
+    basis = SKETCHES[-1].basis.double()
+    lam = nbeta * SKETCHES[-1].eigenvalues.double()
+    alphas = torch.stack([a for chain in RECORDED for a in chain])
+    centred = alphas - alphas.mean(0)
+    sample = centred.T @ centred / (len(alphas) - 1)
+    proj = lin.grads.double() @ basis.T  # [N, k]
+    diff = torch.diag(1.0 / (lam + gamma)) - sample
+    return (proj[lin.n :] @ diff @ proj[: lin.n].T).numpy()
 
 
 def _split(flat: torch.Tensor, like) -> List[torch.Tensor]:
@@ -234,20 +280,28 @@ def main() -> None:
                 add(f"chain span k={k} step {step}{suffix}", est, secs, **health)
     for overrides in json.loads(args.library):
         subspace = overrides.pop("subspace", False)
+        refine = overrides.pop("rr", False)
         settings = {"num_draws": args.draws // 4, "checkpoint_interval": 0, "sampler": "sketch_sgld"}
         settings.update(nbeta=nbeta, localization=gamma, sampler_batch_size=lin.n, **overrides)
         name = ("subspace " if subspace else "") + " ".join(f"{k}={v}" for k, v in overrides.items())
-        original = engine.SketchSGLD
+        name += " (Rayleigh-Ritz)" if refine else ""
+        original, original_sketch = engine.SketchSGLD, engine.sketch_fisher
         engine.SketchSGLD = SubspaceSketchSGLD if subspace else original
+        if refine:
+            engine.sketch_fisher = rayleigh_ritz(lin, original_sketch)
+        RECORDED.clear()
+        SKETCHES.clear()
         try:
             scores, secs = setup.score(analyzer, "ss_bif", "bif", BIFArguments(**settings))
             health = chain_health(setup.out / f"ss_{args.task}" / "scores_ss_bif", settings["num_draws"])
             add(f"library sketch_sgld full batch {name}", scores, secs, **health)
+            if subspace and refine:
+                add(f"library sketch_sgld full batch {name} + CV", scores + control_variate(lin, nbeta, gamma), secs)
         except Exception as exc:  # noqa: BLE001 - a diverging sampler is a result
             rows.append({"what": f"library {name}", "error": str(exc).splitlines()[0][:120]})
             print(json.dumps(rows[-1]), flush=True)
         finally:
-            engine.SketchSGLD = original
+            engine.SketchSGLD, engine.sketch_fisher = original, original_sketch
     lines = [
         f"### {args.task}: nbeta {nbeta:g}, localization {gamma:g}, {args.draws} draws, LDS vs {len(setup.masks)} "
         "retrains",
