@@ -10,18 +10,49 @@ draws, the distance from w*, R-hat and the ESS fraction from `bif_diagnostics.js
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import tempfile
 import time
 from pathlib import Path
 
+import torch
 from common import quiet
 from error_budget import chain_health
 from floor import make_case
 from subspace_sampler import SubspaceSketchSGLD
+from torch.func import functional_call, jvp
 
 import kronfluence_bif.engine as engine
 from kronfluence_bif import Analyzer, BIFArguments, RegressionTask, prepare_model
+
+
+def gauss_newton_ritz(model: torch.nn.Module, inputs: torch.Tensor, original):
+    """sketch_fisher, then Rayleigh-Ritz with the mean Gauss-Newton 2 J^T J / n of the squared error on its span.
+
+    One forward-mode pass over the training inputs per basis vector (J v_j for every example): what the library
+    would run once per run to get the sketch's eigenvalues right.
+    """
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def refined(sampled_loss, batches, weights, batch_size):
+        sketch = original(sampled_loss, batches, weights, batch_size)
+        assert [tuple(w.shape) for w in weights] == [tuple(v.shape) for v in params.values()]
+        columns = []
+        for row in sketch.basis:
+            tangent, offset = {}, 0
+            for k, v in params.items():
+                tangent[k] = row[offset : offset + v.numel()].view_as(v)
+                offset += v.numel()
+            _, jv = jvp(lambda p: functional_call(model, p, (inputs,)), (params,), (tangent,))
+            columns.append(jv.reshape(-1).double())
+        d = torch.stack(columns, 1)  # [n, k] = J V
+        evals, evecs = torch.linalg.eigh(2 * d.T @ d / len(inputs))
+        evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
+        basis = (evecs.T.to(sketch.basis) @ sketch.basis).contiguous()
+        return type(sketch)(basis=basis, eigenvalues=evals.to(sketch.eigenvalues))
+
+    return refined
 
 
 def main() -> None:
@@ -32,6 +63,7 @@ def main() -> None:
     quiet(1)
     train, query, model = make_case("mlp")
     task = RegressionTask()
+    plain = copy.deepcopy(model)
     model = prepare_model(model, task)
     settings = {
         "sampler": "sketch_sgld",
@@ -45,6 +77,7 @@ def main() -> None:
     }
     if args.subspace:
         engine.SketchSGLD = SubspaceSketchSGLD
+        engine.sketch_fisher = gauss_newton_ritz(plain, train.tensors[0], engine.sketch_fisher)
     with tempfile.TemporaryDirectory() as tmp:
         analyzer = Analyzer("wide", model, task, cpu=True, output_dir=tmp, disable_tqdm=True)
         start = time.perf_counter()

@@ -128,6 +128,7 @@ class SubspaceSketchSGLD(SketchSGLD):
         self.recording = False
         RECORDED.append([])  # one list of draws' alpha = V^T (w - w*) per chain (for the control variate)
         self.alphas = RECORDED[-1]
+        PRECONDITIONERS.append(self.prec)  # the Laplace covariance on the span the chain actually used
 
     def freeze(self) -> None:
         self.recording = True  # the engine calls freeze() after burn-in: every later step is a kept draw
@@ -164,6 +165,7 @@ class SubspaceSketchSGLD(SketchSGLD):
 
 RECORDED: List[List[torch.Tensor]] = []
 SKETCHES: List[Any] = []
+PRECONDITIONERS: List[torch.Tensor] = []
 
 
 def rayleigh_ritz(lin: Linearization, original):
@@ -191,12 +193,12 @@ def rayleigh_ritz(lin: Linearization, original):
 def control_variate(lin: Linearization, nbeta: float, gamma: float) -> np.ndarray:
     """P_q (Sigma_k - Cov(alpha)) P_i^T from the recorded draws of the last run and its (refined) sketch."""
     basis = SKETCHES[-1].basis.double()
-    lam = nbeta * SKETCHES[-1].eigenvalues.double()
+    known = PRECONDITIONERS[-1].double()  # diag(1 / (nbeta s + gamma)) after the engine's stability scaling
     alphas = torch.stack([a for chain in RECORDED for a in chain])
     centred = alphas - alphas.mean(0)
     sample = centred.T @ centred / (len(alphas) - 1)
     proj = lin.grads.double() @ basis.T  # [N, k]
-    diff = torch.diag(1.0 / (lam + gamma)) - sample
+    diff = torch.diag(known) - sample
     return (proj[lin.n :] @ diff @ proj[: lin.n].T).numpy()
 
 
@@ -291,6 +293,7 @@ def main() -> None:
             engine.sketch_fisher = rayleigh_ritz(lin, original_sketch)
         RECORDED.clear()
         SKETCHES.clear()
+        PRECONDITIONERS.clear()
         try:
             scores, secs = setup.score(analyzer, "ss_bif", "bif", BIFArguments(**settings))
             health = chain_health(setup.out / f"ss_{args.task}" / "scores_ss_bif", settings["num_draws"])
