@@ -190,6 +190,31 @@ def rayleigh_ritz(lin: Linearization, original):
     return refined
 
 
+def hessian_ritz(original):
+    """sketch_fisher, then Rayleigh-Ritz with Hessian-vector products of the sampled-label loss on the first sketch
+    batch (any Task: its expected Hessian over the sampled labels is the Fisher / Gauss-Newton). Use with a full-batch
+    `sampler_batch_size`, so that batch is the whole training set."""
+
+    def refined(sampled_loss, batches, params, batch_size):
+        sketch = original(sampled_loss, batches, params, batch_size)
+        basis = sketch.basis
+        with torch.enable_grad():
+            grads = torch.autograd.grad(sampled_loss(batches[0]), params, create_graph=True)
+            flat = torch.cat([g.reshape(-1) for g in grads]) / batch_size
+            rows = [
+                torch.cat([h.reshape(-1) for h in torch.autograd.grad(flat @ v, params, retain_graph=True)])
+                for v in basis
+            ]
+        projected = basis.double() @ torch.stack(rows).double().T
+        evals, evecs = torch.linalg.eigh((projected + projected.T) / 2)
+        evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
+        out = type(sketch)(basis=(evecs.T.to(basis) @ basis).contiguous(), eigenvalues=evals.to(sketch.eigenvalues))
+        SKETCHES.append(out)
+        return out
+
+    return refined
+
+
 def control_variate(lin: Linearization, nbeta: float, gamma: float) -> np.ndarray:
     """P_q (Sigma_k - Cov(alpha)) P_i^T from the recorded draws of the last run and its (refined) sketch."""
     basis = SKETCHES[-1].basis.double()

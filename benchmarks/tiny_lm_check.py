@@ -3,8 +3,8 @@
     python benchmarks/tiny_lm_check.py --output-dir benchmark_results/tiny_lm --subspace \
         --bif-args '{"sampler": "sketch_sgld", "nbeta": 1e4, "localization": 100, "step_size": 1.0}'
 
-Runs `python -m kronfluence_bif.demo.tiny_lm` (its cached model in --output-dir/model is reused) with
-`subspace_sampler.SubspaceSketchSGLD` patched in for sketch-SGLD when --subspace is given, then prints the chains'
+Runs `python -m kronfluence_bif.demo.tiny_lm` (its cached model in --output-dir/model is reused); with --subspace,
+`subspace_sampler.SubspaceSketchSGLD` and its Hessian Rayleigh-Ritz eigenvalues are patched in. Prints the chains'
 R-hat, ESS fraction, loss at w* and over the draws, and the largest distance from w*, from bif_diagnostics.json.
 """
 
@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from subspace_sampler import SubspaceSketchSGLD
+from subspace_sampler import SubspaceSketchSGLD, hessian_ritz
 
 import kronfluence_bif.engine as engine
 from kronfluence_bif.demo import tiny_lm
@@ -24,6 +24,7 @@ def main() -> None:
     argv = [a for a in sys.argv[1:] if a != "--subspace"]
     if "--subspace" in sys.argv:
         engine.SketchSGLD = SubspaceSketchSGLD
+        engine.sketch_fisher = hessian_ritz(engine.sketch_fisher)
     args = tiny_lm.parse_args(argv)
     bif = {**tiny_lm.DEFAULT_BIF_ARGS, **json.loads(args.bif_args)}
     result = {"subspace": "--subspace" in sys.argv, **bif}
