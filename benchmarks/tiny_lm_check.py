@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from subspace_sampler import SubspaceSketchSGLD, hessian_ritz
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import kronfluence_bif.engine as engine
 from kronfluence_bif.demo import tiny_lm
@@ -29,7 +30,9 @@ def main() -> None:
     bif = {**tiny_lm.DEFAULT_BIF_ARGS, **json.loads(args.bif_args)}
     result = {"subspace": "--subspace" in sys.argv, **bif}
     try:
-        tiny_lm.main(argv)
+        # the math kernel of scaled_dot_product_attention has a double backward (the Rayleigh-Ritz HVPs need it)
+        with sdpa_kernel([SDPBackend.MATH]):
+            tiny_lm.main(argv)
     except Exception as exc:  # noqa: BLE001 - a diverging chain is the result
         result["error"] = str(exc).splitlines()[0][:200]
     path = Path(args.output_dir) / "scores" / "scores_bif_per_token" / "bif_diagnostics.json"
