@@ -1,7 +1,8 @@
 """Error budget of the BIF on the demo tasks: estimand, Monte Carlo, nonlinearity and mixing, each as an LDS.
 
     python benchmarks/error_budget.py --task uci --retrains 60
-    python benchmarks/error_budget.py --task digits --retrains 40 --settings '[[1e4, 1e3]]'
+    python benchmarks/error_budget.py --task digits --retrains 40 --settings '[[1e3, 1e3], [1e5, 1e3]]'
+    python benchmarks/error_budget.py --task uci --exact-grid      # the exact estimand by nbeta x damping only
 
 For each setting (nbeta, localization), i.e. damping d = localization / nbeta, the rows are:
 
@@ -41,8 +42,9 @@ from torch.func import functional_call, jacrev, jvp, vmap
 from kronfluence_bif import Analyzer, BIFArguments, prepare_model
 from kronfluence_bif.threads import set_threads
 
-DEFAULT_SETTINGS = [[1e3, 1e3], [1e3, 1e2], [1e4, 1e3], [1e5, 1e4]]
-DEFAULT_SAMPLERS = [{}, {"sampler": "sketch_sgld"}, {"sampler": "sketch_sgld", "sampler_batch_size": 100000}]
+# today's defaults (damping 1), and damping 1e-2 with a tight posterior (issue 14's candidates)
+DEFAULT_SETTINGS = [[1e3, 1e3], [1e4, 1e2], [1e5, 1e3]]
+DEFAULT_SAMPLERS = [{}]  # the span-restricted prototype runs in subspace_sampler.py --library
 
 
 class Linearization:
