@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional
 from kronfluence_bif.samplers import SAMPLERS, sampler_class  # the registry: name -> Sampler class
 
 # fields that change how a run is executed, not its result: a rerun may change them (e.g. to resume differently)
-RUN_CONTROL_FIELDS = ("checkpoint_interval", "keep_checkpoints", "cache_batches", "num_threads")
+RUN_CONTROL_FIELDS = ("checkpoint_interval", "keep_checkpoints", "cache_batches", "num_threads", "step_diagnostics")
 
 
 def _help(text: str, **kwargs: Any) -> Any:
@@ -119,6 +119,12 @@ class BIFArguments:
         "but at most the cores idle when sampling starts.",
         default=None,
     )
+    step_diagnostics: bool = _help(
+        "Trace the step norms (gradient, localization, noise moves) and distance from w* for the "
+        "diagnostics. False skips that per-draw work (for benchmarking): the scores and the loss-based diagnostics "
+        "(R-hat, ESS, divergence) are unchanged; the step traces and the chains' distances from w* read NaN / null.",
+        default=True,
+    )
 
     def __post_init__(self) -> None:
         # step_size=None resolves to the sampler's default: sketch-SGLD's step is dimensionless, the others' are not
@@ -172,7 +178,14 @@ class BIFArguments:
             )
         if not (isinstance(self.rmsprop_alpha, (int, float)) and 0.0 < float(self.rmsprop_alpha) < 1.0):
             raise ValueError(f"BIFArguments.rmsprop_alpha must be in (0, 1), got {self.rmsprop_alpha!r}.")
-        for name in ("normalize", "freeze_preconditioner", "cache_batches", "keep_checkpoints", "token_by_token"):
+        for name in (
+            "normalize",
+            "freeze_preconditioner",
+            "cache_batches",
+            "keep_checkpoints",
+            "token_by_token",
+            "step_diagnostics",
+        ):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"BIFArguments.{name} must be True or False, got {getattr(self, name)!r}.")
 

@@ -255,7 +255,8 @@ def plot_traces(traces: Dict[str, torch.Tensor], path: Union[str, Path], title: 
     for ax, name in zip(axes.flat, names):
         values = traces[name].double().numpy()
         for c, row in enumerate(values):
-            ax.plot(row, lw=0.8, label=f"chain {c}")
+            taken = np.flatnonzero(np.isfinite(row))  # step traces are taken at every few draws only
+            ax.plot(taken, row[taken], lw=0.8, label=f"chain {c}")
         ax.set_title(name.replace("_", " "), fontsize=9)
         ax.set_xlabel("draw", fontsize=8)
         ax.tick_params(labelsize=7)

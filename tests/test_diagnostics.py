@@ -7,12 +7,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import PlainRegressionTask, make_mlp
+from conftest import PlainRegressionTask, fit, make_mlp, make_regression
 
 from kronfluence_bif import Analyzer, BIFArguments, prepare_model, storage
 from kronfluence_bif.cli import main as cli
 from kronfluence_bif.diagnostics import effective_sample_size, preconditioned_sharpness, split_rhat, summarize
-from kronfluence_bif.engine import SamplingResult
+from kronfluence_bif.engine import STEP_TRACES, SamplingResult, traced_draws
 from kronfluence_bif.scoring import BIFScorer
 
 
@@ -115,11 +115,14 @@ def test_healthy_run_has_no_warnings_and_records_everything(tmp_path):
     assert 0 < report["sharpness"]["step_size_times_lambda_max"] < 1
     assert {c["chain"] for c in report["chains"]} == {0, 1}
     traces = storage.load_tensors(folder / storage.BIF_TRACES_FILE)
+    taken = traced_draws(BIFArguments(num_draws=400))  # every STEP_TRACE_INTERVAL-th draw and the last
+    assert int(taken.sum()) == 51 and bool(taken[-1])
     for name in ("gradient_step_norm", "localization_step_norm", "noise_step_norm", "distance_from_w_star"):
-        assert traces[name].shape == (2, 400) and bool((traces[name] > 0).all()), name
+        assert traces[name].shape == (2, 400) and bool((traces[name][:, taken] > 0).all()), name
+        assert bool(traces[name][:, ~taken].isnan().all()), name
     # noise step = sqrt(eps) |xi| with |xi| ~ sqrt(d): a closed form for plain SGLD
     d = sum(p.numel() for p in make_mlp().parameters())
-    assert float(traces["noise_step_norm"].mean()) == pytest.approx((1e-3 * d) ** 0.5, rel=0.05)
+    assert float(traces["noise_step_norm"][:, taken].mean()) == pytest.approx((1e-3 * d) ** 0.5, rel=0.05)
 
 
 def test_exploding_chain_is_flagged(tmp_path):
@@ -236,7 +239,7 @@ def test_partition_jobs_report_the_diagnostics_of_the_full_run(
             for key, value in reference.items():
                 assert chain[key] == pytest.approx(value, rel=1e-6), key
         for name, trace in full_traces.items():
-            torch.testing.assert_close(traces[name], trace, rtol=1e-6, atol=0.0)
+            torch.testing.assert_close(traces[name], trace, rtol=1e-6, atol=0.0, equal_nan=True)
 
 
 def test_an_unpartitioned_run_reads_the_health_trace_from_its_scored_rows(
@@ -261,3 +264,30 @@ def test_an_unpartitioned_run_reads_the_health_trace_from_its_scored_rows(
         "s", "f", query_dataset=query, train_dataset=train, per_device_query_batch_size=4, train_indices=rows
     )
     assert seen == [(rows, True)]
+
+
+def test_step_diagnostics_off_changes_no_score_and_leaves_the_step_traces_empty(tmp_path):
+    """`step_diagnostics=False` skips the per-draw norms and distance: the same scores bitwise, NaN step traces."""
+    data = make_regression(48, seed=0)
+    kw = dict(sampler="sgld", step_size=1e-3, nbeta=100.0, localization=100.0, num_draws=24, num_chains=2)
+    runs = {}
+    for flag in (True, False):
+        model = prepare_model(fit(make_mlp(), data), PlainRegressionTask())
+        out = str(tmp_path / str(flag))
+        analyzer = Analyzer(
+            "d", model, PlainRegressionTask(), cpu=True, output_dir=out, disable_tqdm=True, strategy="bif"
+        )
+        analyzer.fit_all_factors("f", data, bif_args=BIFArguments(**kw, step_diagnostics=flag))
+        analyzer.compute_self_scores("s", "f", data)
+        folder = tmp_path / str(flag) / "d" / "scores_s"
+        runs[flag] = (
+            analyzer.load_self_scores("s")["all_modules"],
+            storage.load_tensors(folder / storage.BIF_TRACES_FILE),
+            storage.load_json(folder / storage.BIF_DIAGNOSTICS_FILE),
+        )
+    assert torch.equal(runs[True][0], runs[False][0])
+    assert torch.equal(runs[True][1]["mean_train_loss"], runs[False][1]["mean_train_loss"])
+    for name in STEP_TRACES:
+        assert bool(runs[False][1][name].isnan().all()) and not bool(runs[True][1][name][:, 0].isnan().any()), name
+    assert all(c["max_distance_from_w_star"] is None for c in runs[False][2]["chains"])
+    assert all(c["max_distance_from_w_star"] > 0 for c in runs[True][2]["chains"])

@@ -135,7 +135,7 @@ def test_two_processes_equal_one(data_dir, reference, tmp_path):
         traces = storage.load_tensors(tmp_path / SCORE_DIRS[kind] / "bif_traces.safetensors")
         ref_traces = storage.load_tensors(reference / SCORE_DIRS[kind] / "bif_traces.safetensors")
         for name, value in ref_traces.items():
-            assert torch.allclose(traces[name], value, rtol=1e-12, atol=0), name
+            assert torch.allclose(traces[name], value, rtol=1e-12, atol=0, equal_nan=True), name
     # the same complete set of files, no temporaries, no checkpoints left behind
     assert listing(tmp_path) == listing(reference)
     assert not [p for p in listing(tmp_path) if p.endswith(".tmp") or "bif_checkpoints" in p]

@@ -1,7 +1,15 @@
 """The sampling phase, in parts: `evaluation` (sides, layout, one draw into a row), `chain` (one chain: burn-in,
 draws, resume, checkpoints), `guards` (divergence), `engine` (the chains loop and the pooling)."""
 
-from kronfluence_bif.engine.chain import NORM_TRACES, TRACE_NAMES, Chain, RunState
+from kronfluence_bif.engine.chain import (
+    NORM_TRACES,
+    STEP_TRACE_INTERVAL,
+    STEP_TRACES,
+    TRACE_NAMES,
+    Chain,
+    RunState,
+    traced_draws,
+)
 from kronfluence_bif.engine.engine import TQDM_BAR_FORMAT, SamplingEngine, SamplingResult
 from kronfluence_bif.engine.evaluation import MONITOR_ROWS, Evaluator, Side, _Layout, monitor_rows, reduced_dim
 from kronfluence_bif.engine.guards import DivergenceGuard, probe_sharpness
@@ -14,6 +22,8 @@ __all__ = [
     "MONITOR_ROWS",
     "NORM_TRACES",
     "RunState",
+    "STEP_TRACES",
+    "STEP_TRACE_INTERVAL",
     "SamplingEngine",
     "SamplingResult",
     "Side",
@@ -24,4 +34,5 @@ __all__ = [
     "monitor_rows",
     "probe_sharpness",
     "reduced_dim",
+    "traced_draws",
 ]

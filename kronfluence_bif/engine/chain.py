@@ -9,6 +9,7 @@ learns of it (otherwise the partners would wait forever in the exchange).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple, Union
 
@@ -25,6 +26,7 @@ from kronfluence_bif.samplers import Sampler, sampler_class
 if TYPE_CHECKING:
     from tqdm.auto import tqdm
 
+    from kronfluence_bif.arguments import BIFArguments
     from kronfluence_bif.engine.engine import SamplingEngine
 
 TRACE_NAMES = (
@@ -36,6 +38,17 @@ TRACE_NAMES = (
     "noise_step_norm",  # |sqrt(eps G) xi|: the injected noise
 )
 NORM_TRACES = TRACE_NAMES[3:]
+STEP_TRACES = TRACE_NAMES[2:]  # written together at a traced draw: rows of `RunState.step_traces`
+# the step traces are taken at every STEP_TRACE_INTERVAL-th draw (and the last): they cost about 16% of a UCI run
+# when taken at every draw (benchmarks/diagnostics_cost.py), ~2% like this; the other draws hold NaN
+STEP_TRACE_INTERVAL = 8
+
+
+def traced_draws(args: BIFArguments) -> torch.Tensor:
+    """[num_draws] bool: the draws whose step traces are taken (none without `step_diagnostics`)."""
+    draws = torch.arange(args.num_draws)
+    mask = (draws % STEP_TRACE_INTERVAL == 0) | (draws == args.num_draws - 1)
+    return mask & bool(args.step_diagnostics)
 
 
 @dataclass
@@ -48,6 +61,7 @@ class RunState:
     buffer: torch.Tensor  # float32 [draws_per_block, n_x + n_y + n_m]: one block of evaluated draws
     step_losses: torch.Tensor  # float32 [burn-in + draws x interval]: each step's minibatch loss
     traces: Dict[str, torch.Tensor]  # float64 [num_chains, num_draws] per TRACE_NAMES
+    step_traces: torch.Tensor  # float64 [4, num_chains, num_draws]: the STEP_TRACES, whose `traces` are its rows
     guard: DivergenceGuard
     bar: tqdm
     bar_scale: Union[int, float]  # bar units per draw of this process: its group's share of all chains
@@ -62,6 +76,7 @@ class Chain:
         self.run_state = run
         self.chain = chain
         self.args = engine.args
+        self.traced = traced_draws(engine.args)
         self.failure: Optional[BaseException] = None
 
     def run(self) -> Tuple[CrossMoments, Dict[str, Any]]:
@@ -161,15 +176,15 @@ class Chain:
     def _draw(self, sampler: Sampler, step: int, row: int, draw: int) -> int:
         """Sampler steps up to the next kept draw, then its evaluation into buffer row `row`; returns the step count."""
         eng, run, interval = self.engine, self.run_state, self.args.draw_interval
+        traced = bool(self.traced[draw])
         for k in range(interval):
-            sampler.track_norms = k == interval - 1
+            sampler.track_norms = traced and k == interval - 1
             self._step(sampler, step)
             step += 1
         eng.evaluator.evaluate(run.buffer[row], run.layout.mine)
-        traces = run.traces
-        traces["distance_from_w_star"][self.chain, draw] = eng.weights.distance_from_anchor()
-        for name, value in zip(NORM_TRACES, sampler.last_norms):
-            traces[name][self.chain, draw] = value
+        if traced:  # one write for the four step traces (rows of one tensor): distance, then the move norms
+            distance = eng.weights.distance_from_anchor()
+            run.step_traces[:, self.chain, draw] = torch.cat([distance.view(1), sampler.last_norms.to(distance)])
         return step
 
     def _flush(self, moments: CrossMoments, filled: int, first: int) -> None:
@@ -253,6 +268,9 @@ class Chain:
     def _summary(self) -> Dict[str, Any]:
         guard, traces = self.run_state.guard, self.run_state.traces
         distance = traces["distance_from_w_star"][self.chain]
+        distance = distance[self.traced.to(distance.device)]
+        if distance.numel() == 0:  # step_diagnostics=False
+            distance = torch.full((1,), math.nan, dtype=torch.float64)
         return {
             "chain": self.chain,
             "initial_mean_loss": guard.init_mean,

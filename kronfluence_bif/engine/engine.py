@@ -12,6 +12,7 @@ lockstep (batched evaluation) takes `Chain`'s place in `_run`, with the same `Ru
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Dict, List, Optional, Tuple
@@ -24,7 +25,7 @@ from kronfluence_bif.arguments import BIFArguments
 from kronfluence_bif.checkpoints import CheckpointStore
 from kronfluence_bif.data import MinibatchStream
 from kronfluence_bif.distributed import ProcessState, WorkPlan
-from kronfluence_bif.engine.chain import TRACE_NAMES, Chain, RunState
+from kronfluence_bif.engine.chain import STEP_TRACES, TRACE_NAMES, Chain, RunState, traced_draws
 from kronfluence_bif.engine.evaluation import Evaluator, Side, monitor_rows
 from kronfluence_bif.engine.guards import DivergenceGuard, probe_sharpness
 from kronfluence_bif.engine.seeds import chain_seed
@@ -142,15 +143,16 @@ class SamplingEngine:
         args = self.args
         lay = self.evaluator.layout(plan)
         f32 = {"dtype": torch.float32, "device": self.device}
+        f64 = {"dtype": torch.float64, "device": self.device}
         shift = torch.empty(lay.width, **f32)
         self.weights.reset()  # the shift is the value at w*, whatever ran before (column blocks share the y sums)
         self.evaluator.evaluate(shift, None)
         init_mean = float(self.evaluator.monitor_mean(shift[None], lay)[0])
         guard = DivergenceGuard(args, shift, init_mean, sum(p.numel() for p in self.weights.params))
-        traces = {
-            name: torch.zeros(args.num_chains, args.num_draws, dtype=torch.float64, device=self.device)
-            for name in TRACE_NAMES
-        }
+        shape = (args.num_chains, args.num_draws)
+        traces = {name: torch.zeros(shape, dtype=torch.float64, device=self.device) for name in TRACE_NAMES[:2]}
+        step_traces = torch.zeros((len(STEP_TRACES), *shape), **f64)  # zeros, so processes can add them
+        traces.update(zip(STEP_TRACES, step_traces))
         bar = tqdm(
             total=args.num_chains * args.num_draws,
             desc="Sampling BIF draws",
@@ -166,6 +168,7 @@ class SamplingEngine:
             buffer=torch.empty(args.draws_per_block, lay.width, **f32),
             step_losses=torch.empty(args.num_burnin_steps + args.num_draws * args.draw_interval, **f32),
             traces=traces,
+            step_traces=step_traces,
             guard=guard,
             bar=bar,
             bar_scale=int(scale) if scale.is_integer() else scale,  # "32/1600", not "32.0/1600"
@@ -186,10 +189,12 @@ class SamplingEngine:
             summaries = sorted((s for part, _ in gathered for s in part), key=lambda s: s["chain"])
             found = [v for _, v in gathered if v is not None]
             sharpness = max(found) if found else None
+        # untraced draws (between STEP_TRACE_INTERVAL-th draws, or all without step_diagnostics) read NaN, not 0
+        run.step_traces[:, :, ~traced_draws(self.args).to(run.step_traces.device)] = math.nan
         return SamplingResult(
             moments=total,
             chain_summaries=summaries,
-            traces={k: v.cpu() for k, v in traces.items()},
+            traces={k: v.cpu().clone() for k, v in traces.items()},  # own storage each: the step traces share one
             sharpness=sharpness,
             widths=(self.x.width, self.y.width if self.y is not None else 1),
         )
