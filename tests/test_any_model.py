@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_bitwise_equal, state_copy
+from conftest import PlainRegressionTask, assert_bitwise_equal, state_copy
 from kronfluence.task import Task
 from kronfluence.utils.exceptions import IllegalTaskConfigurationError, TrackedModuleNotFoundError
 from torch import nn
@@ -274,3 +274,20 @@ class _Regression(Task):
 
     def compute_measurement(self, batch, model):
         return self.compute_train_loss(batch, model)
+
+
+def test_sampling_calls_the_original_modules_and_restores_the_wrappers(trained_mlp, small_data):
+    """During sampling kronfluence's TrackedModule wrappers are skipped (same values) and put back afterwards."""
+    from kronfluence.module import TrackedModule
+
+    from kronfluence_bif.tracking import untracked_forwards
+
+    model = prepare_model(trained_mlp, PlainRegressionTask())
+    x = small_data[0].tensors[0]
+    with torch.inference_mode():
+        wrapped = model(x)
+        with untracked_forwards(model) as count:
+            direct = model(x)
+            assert count == 3 and all("forward" in vars(m) for m in model.modules() if isinstance(m, TrackedModule))
+    assert torch.equal(direct, wrapped)
+    assert not any("forward" in vars(m) for m in model.modules() if isinstance(m, TrackedModule))

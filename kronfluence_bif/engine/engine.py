@@ -35,6 +35,7 @@ from kronfluence_bif.moments import CrossMoments, all_reduce_moments_, place_own
 from kronfluence_bif.parameters import SampledWeights
 from kronfluence_bif.samplers import SamplerContext
 from kronfluence_bif.threads import choose_threads, using_threads
+from kronfluence_bif.tracking import untracked_forwards
 
 TQDM_BAR_FORMAT = (
     "{desc} [{n_fmt}/{total_fmt}] {percentage:3.0f}%|{bar}{postfix} [time left: {remaining}, time spent: {elapsed}]"
@@ -116,7 +117,7 @@ class SamplingEngine:
             lambda: self.views.summed_train_loss(self.x.batches.first(), self.model),
         )
         logger.info("Sampling with %d CPU thread(s): %s.", choice.threads, choice.reason)
-        with using_threads(choice.threads):
+        with using_threads(choice.threads), untracked_forwards(self.model):
             return self._run()
 
     def _run(self) -> SamplingResult:
