@@ -249,6 +249,20 @@ def test_a_loss_without_double_backward_falls_back_to_the_sketch_eigenvalues(tmp
     model = prepare_model(trained_mlp, task)
     with caplog.at_level(logging.INFO, logger="kronfluence_bif"):
         scores = _pairwise(_analyzer(tmp_path, model, task), small_data, checkpoint_interval=0)
-    assert "Rayleigh-Ritz needs double backward" in caplog.text
+    assert "Rayleigh-Ritz failed (RuntimeError: double backward is not implemented" in caplog.text
     assert "Rayleigh-Ritz on the" not in caplog.text
     assert torch.isfinite(scores).all() and scores.abs().max() > 0
+
+
+def test_a_collapsed_sketch_span_is_warned(tmp_path, trained_mlp, small_data, caplog):
+    # full batch and a Task that ignores sample=True: every sketch gradient is the same, the span is 1-dimensional
+    from conftest import PlainRegressionTask
+
+    from kronfluence_bif import logs
+
+    logs._warned.discard("subspace-low-rank")
+    task = PlainRegressionTask()
+    model = prepare_model(trained_mlp, task)
+    with caplog.at_level(logging.INFO, logger="kronfluence_bif"):
+        _pairwise(_analyzer(tmp_path, model, task), small_data, checkpoint_interval=0, num_draws=8)
+    assert "subspace_sgld samples only a 1-dimensional span (sketch_rank=16)" in caplog.text

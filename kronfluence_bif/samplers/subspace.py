@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Callable, List, Optional, Sequence
 import torch
 
 from kronfluence_bif.curvature import CurvatureSketch
-from kronfluence_bif.logs import logger
+from kronfluence_bif.logs import logger, warn_once
 from kronfluence_bif.samplers.base import RootFn, SamplerContext, Vectors, register_sampler, split_like
 from kronfluence_bif.samplers.sketch import SketchSGLD, build_sketch
 
@@ -76,7 +76,9 @@ class SubspaceSGLD(SketchSGLD):
     ) -> SubspaceSGLD:
         """The chain's sampler, with the run's refined sketch (built on the first chain, then from the context)."""
         if SUBSPACE_CACHE_KEY not in context.cache:
-            context.cache[SUBSPACE_CACHE_KEY] = refine_sketch(build_sketch(context, args), context)
+            sketch = build_sketch(context, args)
+            _check_rank(sketch, args)
+            context.cache[SUBSPACE_CACHE_KEY] = refine_sketch(sketch, context)
         sketch = context.cache[SUBSPACE_CACHE_KEY]
         return cls(params, anchors, args.step_size, args.nbeta, args.localization, generator, sketch)
 
@@ -106,6 +108,18 @@ class SubspaceSGLD(SketchSGLD):
 
 
 # ---------------------------------------------------------------------------------------------- Rayleigh-Ritz
+def _check_rank(sketch: CurvatureSketch, args: BIFArguments) -> None:
+    """Warn when the span is much smaller than asked: the chain samples nothing outside it."""
+    if sketch.rank < args.sketch_rank // 2:
+        warn_once(
+            "subspace-low-rank",
+            f"subspace_sgld samples only a {sketch.rank}-dimensional span (sketch_rank={args.sketch_rank}): the "
+            "sketch's gradients are nearly linearly dependent (e.g. a full-batch sampler_batch_size with a Task "
+            "whose compute_train_loss(sample=True) returns the true-label loss, so every sketch batch gives the "
+            "same gradient). Sample targets when sample=True, or lower sampler_batch_size.",
+        )
+
+
 def refine_sketch(sketch: CurvatureSketch, context: SamplerContext) -> CurvatureSketch:
     """The sketch's basis rotated to the Ritz vectors of the mean per-example train-loss Hessian, with its Ritz
     values, on a minibatch of `sampler_batch_size` rows seeded by the run's root seed; the sketch unchanged (one
@@ -120,8 +134,8 @@ def refine_sketch(sketch: CurvatureSketch, context: SamplerContext) -> Curvature
         refined = rayleigh_ritz(loss, context.weights.params, sketch, m)
     except Exception as exc:  # noqa: BLE001 - any Task: no double backward means the sketch's eigenvalues
         logger.info(
-            "subspace_sgld: Rayleigh-Ritz needs double backward through the Task's train loss, which failed "
-            "(%s: %s); sampling with the curvature sketch's own eigenvalues.",
+            "subspace_sgld: Rayleigh-Ritz failed (%s: %s; it needs double backward through the Task's train "
+            "loss); sampling with the curvature sketch's own eigenvalues.",
             type(exc).__name__,
             str(exc).splitlines()[0][:200] if str(exc) else "",
         )
