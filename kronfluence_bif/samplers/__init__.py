@@ -1,7 +1,7 @@
 """Samplers of the BIF posterior: a `Sampler` protocol (`base`), and the registered ones.
 
 `SAMPLERS` maps each `BIFArguments.sampler` name to its class; importing this package registers the built-in
-three (`sgld`, `rmsprop_sgld`, `sketch_sgld`). A new sampler: subclass `Sampler`, decorate it with
+four (`sgld`, `rmsprop_sgld`, `sketch_sgld`, `subspace_sgld`). A new sampler: subclass `Sampler`, decorate it with
 `register_sampler("name")`, and import its module before building `BIFArguments(sampler="name")`.
 """
 
@@ -9,6 +9,7 @@ from kronfluence_bif.samplers.base import SAMPLERS, Sampler, SamplerContext, reg
 from kronfluence_bif.samplers.rmsprop import RMSpropSGLD
 from kronfluence_bif.samplers.sgld import SGLD
 from kronfluence_bif.samplers.sketch import SketchSGLD
+from kronfluence_bif.samplers.subspace import SubspaceSGLD
 
 __all__ = [
     "RMSpropSGLD",
@@ -17,6 +18,7 @@ __all__ = [
     "Sampler",
     "SamplerContext",
     "SketchSGLD",
+    "SubspaceSGLD",
     "register_sampler",
     "sampler_class",
 ]

@@ -1,0 +1,191 @@
+"""Subspace-SGLD: Langevin restricted to the span of the curvature sketch, with Rayleigh-Ritz eigenvalues.
+
+G = V diag(1 / (nbeta s + gamma)) V^T, zero off span(V): the chain never leaves w* + span(V). V is the Fisher
+sketch of `sketch_sgld` (`sketch.build_sketch`, shared by the chains); its eigenvalues s are then refined by
+Rayleigh-Ritz on the span (`rayleigh_ritz`): k Hessian-vector products of the summed train loss on a seeded
+minibatch, the k x k projection V^T H V / m diagonalized, and V rotated to its eigenvectors. With a full-batch
+`sampler_batch_size` the chain's potential restricted to the span then has Hessian exactly V diag(nbeta s + gamma) V^T
+near w* (for any span, invariant or not), so G A = 1 there and `step_size` is dimensionless (default 1.0).
+
+Why the span: the linearized model's loss cross-covariances only see the posterior covariance on the span of the
+training Jacobians, which the sketch approximates; dropping the unconstrained directions leaves that estimand and
+keeps the draws near w*, where the network is nearly linear (issue 14; benchmarks/subspace_sampler.py).
+Where double backward fails, the sketch's own eigenvalues are kept (one log line).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, List, Optional, Sequence
+
+import torch
+
+from kronfluence_bif.curvature import CurvatureSketch
+from kronfluence_bif.logs import logger, warn_once
+from kronfluence_bif.samplers.base import RootFn, SamplerContext, Vectors, register_sampler, split_like
+from kronfluence_bif.samplers.sketch import SketchSGLD, build_sketch
+
+if TYPE_CHECKING:
+    from kronfluence_bif.arguments import BIFArguments
+
+SUBSPACE_CACHE_KEY = "subspace_sgld.sketch"
+_RITZ_SEED = 0x5175  # XORed into the run's root seed: the Rayleigh-Ritz minibatch (the same on every process)
+
+
+@register_sampler("subspace_sgld")
+class SubspaceSGLD(SketchSGLD):
+    """SGLD with G = V diag(prec) V^T, prec = 1 / (nbeta s + gamma), zero off the span of V (`basis` holds V^T).
+
+    One step: the coefficients c = V^T [drift, w - w*, xi] (one [3, p] x [p, k] GEMM), then
+    w <- w + V (sqrt(eps prec) c_xi - eps/2 prec (c_drift + gamma c_diff)) (one GEMV back). Started at w*, the
+    chain stays in w* + span(V); V^T xi is standard normal on the span since V is orthonormal.
+    """
+
+    default_step_size = 1.0  # dimensionless: G A = 1 on the span with exact Ritz values
+
+    def __init__(
+        self,
+        params: Sequence[torch.Tensor],
+        anchors: Sequence[torch.Tensor],
+        step_size: float,
+        nbeta: float,
+        localization: float,
+        generator: torch.Generator,
+        sketch: CurvatureSketch,
+    ) -> None:
+        super().__init__(params, anchors, step_size, nbeta, localization, generator, sketch)
+        precision = self.nbeta * sketch.eigenvalues.double().clamp_min(0.0) + self.localization
+        self.prec = (1.0 / precision).to(self.basis.dtype)
+        self.noise_scale = torch.sqrt(self.step_size / precision).to(self.basis.dtype)
+
+    @classmethod
+    def check_arguments(cls, args: BIFArguments) -> None:
+        if float(args.localization) <= 0.0:
+            raise ValueError(
+                "BIFArguments.localization must be > 0 with sampler='subspace_sgld' (its preconditioner is "
+                "1 / (nbeta s + localization) on the sketch, s >= 0); use e.g. localization=1000."
+            )
+        if float(args.step_size) >= 4.0:
+            raise ValueError(
+                f"BIFArguments.step_size must be < 4 with sampler='subspace_sgld' (it is dimensionless, G A ~ 1 on "
+                f"the span; typical 0.5 to 1), got {args.step_size!r}: the chain would oscillate and diverge."
+            )
+
+    @classmethod
+    def build(
+        cls, params: Vectors, anchors: Vectors, args: BIFArguments, generator: torch.Generator, context: SamplerContext
+    ) -> SubspaceSGLD:
+        """The chain's sampler, with the run's refined sketch (built on the first chain, then from the context)."""
+        if SUBSPACE_CACHE_KEY not in context.cache:
+            sketch = build_sketch(context, args)
+            _check_rank(sketch, args)
+            context.cache[SUBSPACE_CACHE_KEY] = refine_sketch(sketch, context)
+        sketch = context.cache[SUBSPACE_CACHE_KEY]
+        return cls(params, anchors, args.step_size, args.nbeta, args.localization, generator, sketch)
+
+    # ------------------------------------------------------------------ the update, fused
+    def _move(self, drift: Vectors, diff: Optional[Vectors], noise: Vectors) -> None:
+        """w <- w + V (sqrt(eps prec) V^T xi - eps/2 prec V^T (drift + gamma diff)): one GEMM, one GEMV."""
+        eps, gamma = self.step_size, self.localization
+        coef = (self.basis @ self._rows.T).T  # [3, k]
+        loss_move = (0.5 * eps) * self.prec * coef[0]
+        local_move = (0.5 * eps * gamma) * self.prec * coef[1]
+        noise_move = self.noise_scale * coef[2]
+        if self.track_norms:  # V orthonormal: |V c| = |c|
+            self.last_norms = torch.stack([loss_move.norm(), local_move.norm(), noise_move.norm()])
+        update = self.basis.T @ (noise_move - loss_move - local_move)
+        torch._foreach_add_(self.params, split_like(update, self.params))
+
+    @property
+    def apply_root(self) -> RootFn:
+        """v -> G^1/2 v = V (sqrt(prec) V^T v) (zero off the span)."""
+        root_prec = self.prec.sqrt()
+
+        def root(v: List[torch.Tensor]) -> List[torch.Tensor]:
+            flat = torch.cat([t.reshape(-1).to(self.basis.dtype) for t in v])
+            return split_like(self.basis.T @ (root_prec * (self.basis @ flat)), v)
+
+        return root
+
+
+# ---------------------------------------------------------------------------------------------- Rayleigh-Ritz
+def _check_rank(sketch: CurvatureSketch, args: BIFArguments) -> None:
+    """Warn when the span is much smaller than asked: the chain samples nothing outside it."""
+    if sketch.rank < args.sketch_rank // 2:
+        warn_once(
+            "subspace-low-rank",
+            f"subspace_sgld samples only a {sketch.rank}-dimensional span (sketch_rank={args.sketch_rank}): the "
+            "sketch's gradients are nearly linearly dependent (e.g. a full-batch sampler_batch_size with a Task "
+            "whose compute_train_loss(sample=True) returns the true-label loss, so every sketch batch gives the "
+            "same gradient). Sample targets when sample=True, or lower sampler_batch_size.",
+        )
+
+
+def refine_sketch(sketch: CurvatureSketch, context: SamplerContext) -> CurvatureSketch:
+    """The sketch's basis rotated to the Ritz vectors of the mean per-example train-loss Hessian, with its Ritz
+    values, on a minibatch of `sampler_batch_size` rows seeded by the run's root seed; the sketch unchanged (one
+    log line) where the Task's loss has no double backward."""
+    stream = context.stream
+    m = min(stream.batch_size, stream.n)
+    rows = torch.randperm(stream.n, generator=torch.Generator().manual_seed(context.root_seed ^ _RITZ_SEED))[:m]
+    batch = stream.source.gather(rows)
+    context.weights.reset()
+    try:
+        loss = lambda: context.views.summed_train_loss(batch, context.model)  # noqa: E731
+        refined = rayleigh_ritz(loss, context.weights.params, sketch, m)
+    except Exception as exc:  # noqa: BLE001 - any Task: no double backward means the sketch's eigenvalues
+        logger.info(
+            "subspace_sgld: Rayleigh-Ritz failed (%s: %s; it needs double backward through the Task's train "
+            "loss); sampling with the curvature sketch's own eigenvalues.",
+            type(exc).__name__,
+            str(exc).splitlines()[0][:200] if str(exc) else "",
+        )
+        return sketch
+    logger.info(
+        "subspace_sgld: Rayleigh-Ritz on the %d-dimensional sketch span over %d examples: top curvature %.4g "
+        "(sketch %.4g), %d Ritz values <= 0 (clamped).",
+        refined.rank,
+        m,
+        float(refined.eigenvalues[0]),
+        float(sketch.eigenvalues[0]),
+        int((refined.eigenvalues <= 0).sum()),
+    )
+    return refined
+
+
+def rayleigh_ritz(
+    loss: Callable[[], torch.Tensor], params: Sequence[torch.Tensor], sketch: CurvatureSketch, batch_size: int
+) -> CurvatureSketch:
+    """Rayleigh-Ritz of H = Hessian(loss()) / batch_size on span(sketch.basis): k Hessian-vector products (double
+    backward), eigh of the k x k V^T H V in float64, the basis rotated to the Ritz vectors (descending values).
+
+    Ritz values may be <= 0 (a true-label Hessian is indefinite off the minimum); they are kept as computed and
+    clamped by the sampler. Raises where the loss has no second derivative through autograd.
+    """
+    basis = sketch.basis
+    params = list(params)
+    hv = _hessian_rows(loss, params, basis) / float(batch_size)  # [k, p]: (H v_j)^T
+    projected = basis.double() @ hv.double().T
+    values, vectors = torch.linalg.eigh(((projected + projected.T) / 2).cpu())
+    values, vectors = values.flip(0), vectors.flip(1).to(basis.device)
+    if not bool(torch.isfinite(values).all()):
+        raise FloatingPointError("the Hessian-vector products are not finite")
+    rotated = (vectors.T @ basis.double()).to(basis.dtype).contiguous()
+    return CurvatureSketch(basis=rotated, eigenvalues=values.to(sketch.eigenvalues))
+
+
+def _hessian_rows(loss: Callable[[], torch.Tensor], params: List[torch.Tensor], basis: torch.Tensor) -> torch.Tensor:
+    """[k, p]: the Hessian of loss() times each row of `basis` (flattened over `params`), by double backward."""
+    with torch.enable_grad():
+        grads = torch.autograd.grad(loss(), params, create_graph=True, allow_unused=True)
+        flat = torch.cat([_flat_or_zeros(g, p).to(basis.dtype) for g, p in zip(grads, params)])
+        if not flat.requires_grad:  # the gradient does not depend on the weights: H = 0
+            return torch.zeros_like(basis)
+        rows = torch.empty_like(basis)
+        for j, v in enumerate(basis):
+            second = torch.autograd.grad(flat @ v, params, retain_graph=True, allow_unused=True)
+            torch.cat([_flat_or_zeros(h, p).to(basis.dtype) for h, p in zip(second, params)], out=rows[j])
+    return rows
+
+
+def _flat_or_zeros(grad: Optional[torch.Tensor], param: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(param.numel(), dtype=param.dtype, device=param.device) if grad is None else grad.reshape(-1)
