@@ -47,7 +47,9 @@ class BIFArguments:
 
     sampler: str = _help(
         "`sketch_sgld` (SGLD preconditioned by (nbeta F_K + localization)^-1, F_K a low-rank Fisher sketch at w* from "
-        "sampled-label gradients), `rmsprop_sgld` (diagonal RMSprop preconditioner, Li et al. 2016) or `sgld`.",
+        "sampled-label gradients), `subspace_sgld` (the same sketch, sampling only its span, with Rayleigh-Ritz "
+        "eigenvalues), `rmsprop_sgld` (diagonal RMSprop preconditioner, Li et al. 2016) or `sgld`; any name "
+        "registered with `kronfluence_bif.samplers.register_sampler`.",
         default="rmsprop_sgld",
     )
     num_chains: int = _help("Number of independent chains (C in the paper).", default=4)
@@ -55,8 +57,8 @@ class BIFArguments:
     num_burnin_steps: int = _help("SGLD steps discarded at the start of each chain (b in the paper).", default=100)
     draw_interval: int = _help("SGLD steps between two kept draws (thinning).", default=1)
     step_size: Optional[float] = _help(
-        "SGLD step size epsilon; None: the sampler's default (sketch_sgld 0.25, which is dimensionless since its "
-        "preconditioner ~ the inverse curvature; sgld and rmsprop_sgld 3e-4).",
+        "SGLD step size epsilon; None: the sampler's default (sketch_sgld 0.25 and subspace_sgld 1.0, which are "
+        "dimensionless since their preconditioner ~ the inverse curvature; sgld and rmsprop_sgld 3e-4).",
         default=None,
     )
     nbeta: float = _help("Effective sample size times inverse temperature (n*beta).", default=1000.0)
@@ -105,8 +107,9 @@ class BIFArguments:
         default=4.0,
     )
     sketch_rank: int = _help(
-        "Number K of sampled-label minibatch gradients in sketch_sgld's curvature sketch (its rank). Memory: K x the "
-        "number of sampled weights in float32; cost: K backward passes of one minibatch, once per run.",
+        "Number K of sampled-label minibatch gradients in sketch_sgld's and subspace_sgld's curvature sketch (its "
+        "rank; subspace_sgld's span dimension). Memory: K x the number of sampled weights in float32; cost: K "
+        "backward passes of one minibatch, once per run.",
         default=128,
     )
     keep_checkpoints: bool = _help(
