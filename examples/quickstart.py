@@ -33,5 +33,5 @@ analyzer = Analyzer("run", model, task, strategy="bif")  # strategy="ekfac" beha
 analyzer.fit_all_factors("f", dataset=train)  # bif: cheap, records its arguments only
 analyzer.compute_pairwise_scores("s", "f", query_dataset=q, train_dataset=train, per_device_query_batch_size=8)
 scores = analyzer.load_pairwise_scores("s")["all_modules"]  # [n_query, n_train], float32
-print(f"BIF scores {list(scores.shape)} in ./analyses/run/scores_s/ after {time.perf_counter() - start:.0f} s")
+print(f"BIF scores {list(scores.shape)} in ./influence_results/run/scores_s/ after {time.perf_counter() - start:.0f} s")
 print("Most helpful training rows for query 0:", scores[0].topk(3).indices.tolist())

@@ -42,7 +42,7 @@ def test_readme_shows_the_quick_start_file_as_it_is():
 
 def test_the_ab_snippet_runs_with_fewer_queries_than_its_batch(tmp_path, monkeypatch):
     """kronfluence's EK-FAC arm raises an IndexError when per_device_query_batch_size exceeds the queries."""
-    monkeypatch.chdir(tmp_path)  # the snippet writes to kronfluence's default ./analyses
+    monkeypatch.chdir(tmp_path)  # the snippet writes to kronfluence's default ./influence_results
     train, q = make_regression(48), make_regression(5, seed=1)
     task = PlainRegressionTask()
     model = prepare_model(fit(make_mlp(), train), task)
@@ -74,5 +74,5 @@ def test_the_quick_start_runs_as_written(tmp_path):
         timeout=600,
     )
     assert done.returncode == 0, done.stderr
-    assert "BIF scores [103, 927] in ./analyses/run/scores_s/" in done.stdout
-    assert (tmp_path / "analyses" / "run" / "scores_s" / "pairwise_scores.safetensors").is_file()
+    assert "BIF scores [103, 927] in ./influence_results/run/scores_s/" in done.stdout
+    assert (tmp_path / "influence_results" / "run" / "scores_s" / "pairwise_scores.safetensors").is_file()
