@@ -10,7 +10,14 @@ from typing import Any, Dict, List, Optional
 from kronfluence_bif.samplers import SAMPLERS, sampler_class  # the registry: name -> Sampler class
 
 # fields that change how a run is executed, not its result: a rerun may change them (e.g. to resume differently)
-RUN_CONTROL_FIELDS = ("checkpoint_interval", "keep_checkpoints", "cache_batches", "num_threads", "step_diagnostics")
+RUN_CONTROL_FIELDS = (
+    "checkpoint_interval",
+    "keep_checkpoints",
+    "cache_batches",
+    "num_threads",
+    "step_diagnostics",
+    "batch_chains",
+)
 
 
 def _help(text: str, **kwargs: Any) -> Any:
@@ -128,6 +135,14 @@ class BIFArguments:
         "(R-hat, ESS, divergence) are unchanged; the step traces and the chains' distances from w* read NaN / null.",
         default=True,
     )
+    batch_chains: Optional[bool] = _help(
+        "Advance this process's chains in lockstep and evaluate all of them in one batched forward per batch "
+        "(torch.func.vmap over their stacked weights): the same chains, to float rounding. Chains that resume from a "
+        "checkpoint, evaluation groups, uncached data, low-precision weights and models vmap cannot batch run one "
+        "at a time. None: on CUDA devices only (on CPU the batched products were slower); True or False: wherever it "
+        "applies, or never.",
+        default=None,
+    )
 
     def __post_init__(self) -> None:
         # step_size=None resolves to the sampler's default: sketch-SGLD's step is dimensionless, the others' are not
@@ -157,6 +172,11 @@ class BIFArguments:
             raise ValueError(
                 f"BIFArguments.num_threads must be None (choose automatically) or an integer >= 1, got "
                 f"{self.num_threads!r}."
+            )
+        if self.batch_chains is not None and not isinstance(self.batch_chains, bool):
+            raise ValueError(
+                "BIFArguments.batch_chains must be None (on CUDA devices only), True or False, got "
+                f"{self.batch_chains!r}."
             )
         if self.num_chains * self.num_draws < 2:
             raise ValueError(

@@ -107,7 +107,8 @@ class ChainBatch:
         def one(weights: Dict[str, torch.Tensor], chain_batch: Any) -> torch.Tensor:
             return torch.func.functional_call(call, self._prefixed(weights), (chain_batch,))
 
-        return torch.func.vmap(one, in_dims=(0, batch_dim), randomness="error")(self.stacked, batch)
+        dims = batch_dim if batch_dim is None else tree_map(lambda t: batch_dim if torch.is_tensor(t) else None, batch)
+        return torch.func.vmap(one, in_dims=(0, dims), randomness="error")(self.stacked, batch)
 
     def _looped(self, view: View, batch: Any, batch_dim: Optional[int]) -> torch.Tensor:
         call = _ViewCall(self.model, view)

@@ -103,7 +103,11 @@ class Chain:
             except Exception as exc:  # noqa: BLE001 - re-raised just below, on every member
                 self.failure = self._defer(exc)
         self._agree()
-        if run.plan.is_group_leader:
+        self._log_summary(summary)
+        return moments, summary
+
+    def _log_summary(self, summary: Dict[str, Any]) -> None:
+        if self.run_state.plan.is_group_leader:
             logger.info(
                 "Chain %d: mean train loss %.4g at w*, %.4g over draws; distance from w* %.3g at the end, "
                 "%.3g at most.",
@@ -113,7 +117,6 @@ class Chain:
                 summary["final_distance_from_w_star"],
                 summary["max_distance_from_w_star"],
             )
-        return moments, summary
 
     def _make_sampler(self) -> Sampler:
         eng = self.engine
@@ -259,11 +262,19 @@ class Chain:
         tensors = {f"moments.{k}": v for k, v in moments.state_dict().items()}
         tensors.update({f"trace.{n}": traces[n][self.chain, :draws_done] for n in TRACE_NAMES})
         if sampler is not None:
-            tensors.update(eng.weights.masters_state())
+            tensors.update(self._masters_state())
             tensors.update({f"sampler.{k}": v for k, v in sampler.state_dict().items()})
-            tensors.update({f"stream.{k}": v for k, v in eng.stream.state_dict().items()})
+            tensors.update({f"stream.{k}": v for k, v in self._stream_state().items()})
         meta = {"draws_done": draws_done, "steps_done": steps_done, "done": summary is not None, "summary": summary}
         eng.checkpoints.save(self.chain, tensors, meta)
+
+    def _masters_state(self) -> Dict[str, torch.Tensor]:
+        """The chain's weights as a checkpoint stores them (a chain in lockstep holds its own)."""
+        return self.engine.weights.masters_state()
+
+    def _stream_state(self) -> Dict[str, torch.Tensor]:
+        """The chain's minibatch stream as a checkpoint stores it (a chain in lockstep holds its own)."""
+        return self.engine.stream.state_dict()
 
     def _summary(self) -> Dict[str, Any]:
         guard, traces = self.run_state.guard, self.run_state.traces

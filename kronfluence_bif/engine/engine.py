@@ -6,8 +6,8 @@ all-reduce of the sums (each chain counted once, by the leader of its evaluation
 module with exactly w*, whatever happens (the caller's `SampledWeights` restores it).
 
 The seams: a chain asks its `Sampler` (`kronfluence_bif.samplers`, chosen by name from the registry, never
-branched on here) to step and the `Evaluator` to fill a buffer row; a runner that advances several chains in
-lockstep (batched evaluation) takes `Chain`'s place in `_run`, with the same `RunState`.
+branched on here) to step and the `Evaluator` to fill a buffer row; `lockstep.run_chains` decides which chains
+advance together (`lockstep.Lockstep`, batched over chains) and which alone (`Chain`), with the same `RunState`.
 """
 
 from __future__ import annotations
@@ -25,9 +25,10 @@ from kronfluence_bif.arguments import BIFArguments
 from kronfluence_bif.checkpoints import CheckpointStore
 from kronfluence_bif.data import MinibatchStream
 from kronfluence_bif.distributed import ProcessState, WorkPlan
-from kronfluence_bif.engine.chain import STEP_TRACES, TRACE_NAMES, Chain, RunState, traced_draws
+from kronfluence_bif.engine.chain import STEP_TRACES, TRACE_NAMES, RunState, traced_draws
 from kronfluence_bif.engine.evaluation import Evaluator, Side, monitor_rows
 from kronfluence_bif.engine.guards import DivergenceGuard, probe_sharpness
+from kronfluence_bif.engine.lockstep import run_chains
 from kronfluence_bif.engine.seeds import chain_seed
 from kronfluence_bif.logs import logger
 from kronfluence_bif.loss_views import LossViews
@@ -128,8 +129,7 @@ class SamplingEngine:
         summaries: List[Dict[str, Any]] = []
         error: Optional[BaseException] = None
         try:
-            for chain in plan.chains:
-                moments, summary = Chain(self, run, chain).run()
+            for moments, summary in run_chains(self, run, plan.chains):
                 total = moments if total is None else total.merge_(moments)
                 summaries.append(summary)
         except Exception as exc:  # noqa: BLE001 - every process must learn of it, or the others would hang
