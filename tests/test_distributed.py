@@ -146,6 +146,19 @@ def test_two_processes_equal_one(data_dir, reference, tmp_path):
     assert any("pairwise_scores.safetensors" in line for line in rank0)
 
 
+def test_two_processes_equal_one_with_chains_in_lockstep(data_dir, reference, tmp_path):
+    """batch_chains=True: 4 chains in lockstep in one process, 2 per process in two; one chain at a time within
+    float32 rounding (the batched products round differently), and bitwise between the layouts here (a batched
+    product of K chains computes each chain as with fewer chains)."""
+    run(1, data_dir, tmp_path / "one", "--batch-chains")
+    log = run(2, data_dir, tmp_path / "two", "--batch-chains")
+    assert "2 chains run in lockstep" in log
+    for kind in SCORE_DIRS:
+        one, two = scores(tmp_path / "one", kind), scores(tmp_path / "two", kind)
+        assert max_rel_diff(one, scores(reference, kind)) < 1e-5
+        assert max_rel_diff(two, one) < 1e-12
+
+
 def test_two_processes_on_a_model_with_nothing_tracked(data_dir, reference, tmp_path):
     """torchrun on the same MLP from bare parameters (nothing to track, so no DDP wrapper): the same scores."""
     run(2, data_dir, tmp_path, "--untracked")

@@ -102,6 +102,7 @@ def main() -> None:
     parser.add_argument("--only", default="")
     parser.add_argument("--untracked", action="store_true", help="the MLP from bare parameters (nothing tracked)")
     parser.add_argument("--fail-rank", type=int, default=-1, help="this rank raises in its 40th evaluation")
+    parser.add_argument("--batch-chains", action="store_true", help="BIFArguments(batch_chains=True): lockstep")
     opts = parser.parse_args()
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
@@ -134,6 +135,7 @@ def main() -> None:
         step_size=1e-3,
         nbeta=100.0,
         localization=100.0,
+        batch_chains=True if opts.batch_chains else None,
     )
     # kronfluence refuses cpu=True with a DDP-wrapped model; without CUDA its device is the CPU anyway
     analyzer = Analyzer("dist", model, task, cpu=not opts.ddp, output_dir=str(out), disable_tqdm=True, strategy="bif")
