@@ -22,6 +22,7 @@ from torch import nn
 from kronfluence_bif import Analyzer, BIFArguments, ScoreArguments, prepare_model, storage
 from kronfluence_bif.engine import lockstep
 
+MODES = ("together", "alone")
 RTOL = 1e-5  # relative to the largest score: float32 rounding carried by the chains (measured <= 1.2e-6)
 PINNED = dict(
     num_chains=2,
@@ -82,12 +83,16 @@ def test_lockstep_equals_one_chain_at_a_time(sampler, tmp_path, trained_mlp, sma
     saved = state_copy(model)
     extra = {"sketch_rank": 8, "step_size": 0.05} if sampler == "sketch_sgld" else {}
     extra["sampler"] = sampler
-    alone = _run(tmp_path / "alone", model, task, small_data, False, **extra)
-    assert calls["lockstep"] == []
     together = _run(tmp_path / "together", model, task, small_data, True, **extra)
-    assert calls["lockstep"] == [[0, 1], [0, 1]] and calls["probe"] == [None, None]  # pairwise, then self
+    assert len(calls["lockstep"]) == 2
+    alone = _run(tmp_path / "alone", model, task, small_data, False, **extra)
+    assert calls["lockstep"] == [[0, 1], [0, 1]] and calls["probe"] == [None, None]  # pairwise, then self only
     for a, b in zip(together, alone):
         assert close(a, b) and not torch.equal(a, torch.zeros_like(a))
+    traces = [storage.load_tensors(tmp_path / m / "l" / "scores_pw" / storage.BIF_TRACES_FILE) for m in MODES]
+    for name, value in traces[1].items():  # the same draws traced (NaN elsewhere), the same values to rounding
+        assert torch.equal(value.isnan(), traces[0][name].isnan()), name
+        assert close(value.nan_to_num(), traces[0][name].nan_to_num()), name
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in saved.items())  # the model is w* again
 
 
