@@ -3,6 +3,7 @@
     python benchmarks/batched_engine.py                  # UCI MLP and tiny GPT-2, 4 chains, 1 thread, 3 repeats
     python benchmarks/batched_engine.py --cases uci --repeats 5 --json lockstep.json
     python benchmarks/batched_engine.py --smoke          # tiny sizes, seconds: checks that it runs
+    python benchmarks/batched_engine.py --cuda           # on the GPU (where batch_chains=None turns lockstep on)
 
 Each repeat runs both modes alternately (order swapped every repeat) on the same prepared model: the Analyzer's
 `fit_all_factors` + `compute_pairwise_scores`, timed together; medians over repeats. The cases:
@@ -100,11 +101,11 @@ def gpt2_case(smoke: bool) -> Case:
 CASES: Dict[str, Callable[[bool], Case]] = {"uci": uci_case, "gpt2": gpt2_case}
 
 
-def package_run(case: Case, batch_chains: bool, chains: int, folder: str) -> Tuple[float, torch.Tensor]:
+def package_run(case: Case, batch_chains: bool, chains: int, folder: str, cuda: bool) -> Tuple[float, torch.Tensor]:
     """Seconds of `fit_all_factors` + `compute_pairwise_scores`, and the scores."""
     model, task, train, query, bif, kw = case
     args = BIFArguments(num_chains=chains, num_threads=1, checkpoint_interval=0, batch_chains=batch_chains, **bif)
-    analyzer = Analyzer("b", model, task, cpu=True, output_dir=folder, disable_tqdm=True, strategy="bif")
+    analyzer = Analyzer("b", model, task, cpu=not cuda, output_dir=folder, disable_tqdm=True, strategy="bif")
     start = time.perf_counter()
     analyzer.fit_all_factors("f", dataset=train, bif_args=args, overwrite_output_dir=True)
     analyzer.compute_pairwise_scores(
@@ -116,19 +117,19 @@ def package_run(case: Case, batch_chains: bool, chains: int, folder: str) -> Tup
         overwrite_output_dir=True,
         **kw,
     )
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start  # the scores are read back from disk: the device is synchronized
     return seconds, analyzer.load_pairwise_scores("s")["all_modules"]
 
 
-def measure(name: str, chains: int, repeats: int, smoke: bool) -> Dict[str, Any]:
+def measure(name: str, chains: int, repeats: int, smoke: bool, cuda: bool) -> Dict[str, Any]:
     case = CASES[name](smoke)
     times: Dict[bool, List[float]] = {False: [], True: []}
     scores: Dict[bool, torch.Tensor] = {}
     with tempfile.TemporaryDirectory() as folder:
-        package_run(case, True, chains, folder)  # warm-up (first vmap traces, allocator)
+        package_run(case, True, chains, folder, cuda)  # warm-up (first vmap traces, allocator)
         for r in range(repeats):
             for mode in (False, True) if r % 2 == 0 else (True, False):
-                seconds, scores[mode] = package_run(case, mode, chains, folder)
+                seconds, scores[mode] = package_run(case, mode, chains, folder, cuda)
                 times[mode].append(seconds)
     loop, lockstep = statistics.median(times[False]), statistics.median(times[True])
     scale = scores[False].double().abs().max().clamp_min(1e-30)
@@ -149,11 +150,13 @@ def main() -> None:
     parser.add_argument("--chains", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--cuda", action="store_true", help="run on the GPU (the Analyzer's device)")
     parser.add_argument("--json", default="")
     opts = parser.parse_args()
     quiet(1, level=logging.ERROR)
     machine = describe_machine(1)
-    rows = [measure(name, opts.chains, 1 if opts.smoke else opts.repeats, opts.smoke) for name in opts.cases]
+    repeats = 1 if opts.smoke else opts.repeats
+    rows = [measure(name, opts.chains, repeats, opts.smoke, opts.cuda) for name in opts.cases]
     print("| case | chains | one at a time (s) | lockstep (s) | gain | scores rel. diff |")
     print("|---|---|---|---|---|---|")
     for row in rows:
