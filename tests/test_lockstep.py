@@ -76,12 +76,13 @@ def _run(tmp_path, model, task, data, batch_chains, self_scores=True, **bif) -> 
     return out
 
 
-@pytest.mark.parametrize("sampler", ["sgld", "rmsprop_sgld", "sketch_sgld"])
+@pytest.mark.parametrize("sampler", ["sgld", "rmsprop_sgld", "sketch_sgld", "subspace_sgld"])
 def test_lockstep_equals_one_chain_at_a_time(sampler, tmp_path, trained_mlp, small_data, calls):
     task = PlainRegressionTask()
     model = prepare_model(trained_mlp, task)
     saved = state_copy(model)
     extra = {"sketch_rank": 8, "step_size": 0.05} if sampler == "sketch_sgld" else {}
+    extra.update({"sketch_rank": 8} if sampler == "subspace_sgld" else {})
     extra["sampler"] = sampler
     together = _run(tmp_path / "together", model, task, small_data, True, **extra)
     assert len(calls["lockstep"]) == 2
