@@ -139,9 +139,9 @@ class BIFArguments:
         "Advance this process's chains in lockstep and evaluate all of them in one batched forward per batch "
         "(torch.func.vmap over their stacked weights): the same chains, to float rounding. Chains that resume from a "
         "checkpoint, evaluation groups, uncached data, low-precision weights and models vmap cannot batch run one "
-        "at a time. None: on CUDA devices only (on CPU the batched products were slower); True or False: wherever it "
-        "applies, or never.",
-        default=None,
+        "at a time. False (the default until a GPU measurement shows the gain: on CPU the batched products were "
+        "slower, BENCHMARKS.md): never; None: on CUDA devices only; True: wherever it applies.",
+        default=False,
     )
 
     def __post_init__(self) -> None:

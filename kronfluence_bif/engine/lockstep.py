@@ -60,7 +60,7 @@ def lockstep_plan(engine: SamplingEngine, run: RunState, chains: Sequence[int]) 
     if setting is False or len(chains) < 2:
         return [], ""
     if setting is None and eng.device.type != "cuda":
-        return [], ""  # the default: lockstep pays on accelerators, not on CPU (BENCHMARKS.md)
+        return [], ""  # None: lockstep pays on accelerators, not on CPU (BENCHMARKS.md)
     if run.plan.num_shards > 1:
         return [], "Chains run one at a time: this process shares each draw's evaluation with its group."
     if eng.stream.source.stacked is None:
