@@ -146,6 +146,7 @@ def test_two_processes_equal_one(data_dir, reference, tmp_path):
     assert any("pairwise_scores.safetensors" in line for line in rank0)
 
 
+@pytest.mark.slow  # lockstep is opt-in; lockstep == one chain at a time runs by default in test_lockstep.py
 def test_two_processes_equal_one_with_chains_in_lockstep(data_dir, reference, tmp_path):
     """batch_chains=True: 4 chains in lockstep in one process, 2 per process in two; one chain at a time within
     float32 rounding (the batched products round differently), and bitwise between the layouts here (a batched
