@@ -60,16 +60,13 @@ class SketchSGLD(Sampler):
 
     @classmethod
     def check_arguments(cls, args: BIFArguments) -> None:
-        if float(args.localization) <= 0.0:
-            raise ValueError(
-                "BIFArguments.localization must be > 0 with sampler='sketch_sgld' (its preconditioner is "
-                "1/localization outside the curvature sketch); use e.g. localization=1000."
-            )
-        if float(args.step_size) >= 4.0:
-            raise ValueError(
-                f"BIFArguments.step_size must be < 4 with sampler='sketch_sgld' (it is dimensionless; typical "
-                f"0.1 to 0.5), got {args.step_size!r}: the localization term alone would diverge."
-            )
+        check_dimensionless(
+            args,
+            "sketch_sgld",
+            "its preconditioner is 1/localization outside the curvature sketch",
+            "it is dimensionless; typical 0.1 to 0.5",
+            "the localization term alone would diverge",
+        )
 
     @classmethod
     def build(
@@ -203,3 +200,16 @@ def stabilize(sketch: CurvatureSketch, context: SamplerContext, args: BIFArgumen
         previous = (sketch, excess)
         sketch = CurvatureSketch(basis=sketch.basis, eigenvalues=sketch.eigenvalues * excess)
     return sketch
+
+
+def check_dimensionless(args: BIFArguments, sampler: str, why_localization: str, step: str, failure: str) -> None:
+    """The limits of a sampler whose G ~ the inverse curvature: localization > 0 and a dimensionless step < 4."""
+    if float(args.localization) <= 0.0:
+        raise ValueError(
+            f"BIFArguments.localization must be > 0 with sampler='{sampler}' ({why_localization}); use e.g. "
+            "localization=1000."
+        )
+    if float(args.step_size) >= 4.0:
+        raise ValueError(
+            f"BIFArguments.step_size must be < 4 with sampler='{sampler}' ({step}), got {args.step_size!r}: {failure}."
+        )

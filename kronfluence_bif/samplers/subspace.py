@@ -22,7 +22,7 @@ import torch
 from kronfluence_bif.curvature import CurvatureSketch
 from kronfluence_bif.logs import logger, warn_once
 from kronfluence_bif.samplers.base import RootFn, SamplerContext, Vectors, register_sampler, split_like
-from kronfluence_bif.samplers.sketch import SketchSGLD, build_sketch
+from kronfluence_bif.samplers.sketch import SketchSGLD, build_sketch, check_dimensionless
 
 if TYPE_CHECKING:
     from kronfluence_bif.arguments import BIFArguments
@@ -59,16 +59,13 @@ class SubspaceSGLD(SketchSGLD):
 
     @classmethod
     def check_arguments(cls, args: BIFArguments) -> None:
-        if float(args.localization) <= 0.0:
-            raise ValueError(
-                "BIFArguments.localization must be > 0 with sampler='subspace_sgld' (its preconditioner is "
-                "1 / (nbeta s + localization) on the sketch, s >= 0); use e.g. localization=1000."
-            )
-        if float(args.step_size) >= 4.0:
-            raise ValueError(
-                f"BIFArguments.step_size must be < 4 with sampler='subspace_sgld' (it is dimensionless, G A ~ 1 on "
-                f"the span; typical 0.5 to 1), got {args.step_size!r}: the chain would oscillate and diverge."
-            )
+        check_dimensionless(
+            args,
+            "subspace_sgld",
+            "its preconditioner is 1 / (nbeta s + localization) on the sketch, s >= 0",
+            "it is dimensionless, G A ~ 1 on the span; typical 0.5 to 1",
+            "the chain would oscillate and diverge",
+        )
 
     @classmethod
     def build(
