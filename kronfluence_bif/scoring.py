@@ -8,6 +8,7 @@ records the arguments, and writes BIF's diagnostics beside the scores.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -108,9 +109,11 @@ class BIFScorer:
         scores: Dict[str, Matrices] = {}
         results: Dict[str, SamplingResult] = {}
         tags = []
+        # the job's data and sides once (collating a dataset onto the device is a fixed cost); per key its weights
+        job = score_problem(self.model, self.task, req, args, bif_args, columns, widths)
         for key, params in plan.score_keys(module_partition):
             tags.append(plan.tag(req.kind, data_partitions, module_partition, key))
-            problem = score_problem(self.model, self.task, req, args, bif_args, columns, widths, params)
+            problem = job if params is None else dataclasses.replace(job, params=params)
             checkpoints = self._checkpoints(req, args, bif_args, out, tags[-1], state)
             with self._profile(f"Sample BIF {req.kind.label} Scores"):
                 result, blocks = self._sample(problem, bif_args, columns, state, checkpoints, tags[-1], out, req, args)

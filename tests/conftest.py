@@ -103,6 +103,19 @@ def assert_bitwise_equal(model: nn.Module, saved: dict) -> None:
 # ---------------------------------------------------------------------------------------------- pinned numbers
 PINS = Path(__file__).parent / "data" / "pinned_scores.safetensors"
 RECORD_PINS = os.environ.get("KBIF_RECORD_PINS") == "1"
+# the BIFArguments of the pinned sampler runs (test_pinned.py), also used to compare other paths with them
+PIN_ARGS = dict(
+    num_chains=2,
+    num_draws=24,
+    num_burnin_steps=10,
+    sampler_batch_size=8,
+    draws_per_block=8,
+    step_size=1e-3,
+    nbeta=40.0,
+    localization=20.0,
+    num_threads=1,
+    seed=7,
+)
 
 
 def pin_environment() -> str:

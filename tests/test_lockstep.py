@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional
 
 import pytest
 import torch
-from conftest import PlainRegressionTask, fit, make_mlp, state_copy
+from conftest import PIN_ARGS, PlainRegressionTask, fit, make_mlp, state_copy
 from test_per_token import ARGS as TOKEN_ARGS
 from test_per_token import Bigram, TokenData, TokenTask
 from test_resume import ARGS as RESUME_ARGS
@@ -24,18 +24,6 @@ from kronfluence_bif.engine import lockstep
 
 MODES = ("together", "alone")
 RTOL = 1e-5  # relative to the largest score: float32 rounding carried by the chains (measured <= 1.2e-6)
-PINNED = dict(
-    num_chains=2,
-    num_draws=24,
-    num_burnin_steps=10,
-    sampler_batch_size=8,
-    draws_per_block=8,
-    step_size=1e-3,
-    nbeta=40.0,
-    localization=20.0,
-    num_threads=1,
-    seed=7,
-)
 
 
 def close(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -64,7 +52,7 @@ def calls(monkeypatch) -> Dict[str, List[Any]]:
 
 def _run(tmp_path, model, task, data, batch_chains, self_scores=True, **bif) -> List[torch.Tensor]:
     train, query = data
-    args = BIFArguments(batch_chains=batch_chains, **{**PINNED, **bif})
+    args = BIFArguments(batch_chains=batch_chains, **{**PIN_ARGS, **bif})
     analyzer = Analyzer("l", model, task, cpu=True, output_dir=str(tmp_path), disable_tqdm=True, strategy="bif")
     analyzer.fit_all_factors("f", dataset=train, bif_args=args, overwrite_output_dir=True)
     kw = dict(query_dataset=query, train_dataset=train, per_device_query_batch_size=4, overwrite_output_dir=True)

@@ -7,22 +7,9 @@ test_distributed, test_resume), through `conftest.check_pinned`.
 from __future__ import annotations
 
 import pytest
-from conftest import PlainRegressionTask, check_pinned
+from conftest import PIN_ARGS, PlainRegressionTask, check_pinned
 
 from kronfluence_bif import Analyzer, BIFArguments, prepare_model
-
-COMMON = dict(
-    num_chains=2,
-    num_draws=24,
-    num_burnin_steps=10,
-    sampler_batch_size=8,
-    draws_per_block=8,
-    step_size=1e-3,
-    nbeta=40.0,
-    localization=20.0,
-    num_threads=1,
-    seed=7,
-)
 
 
 @pytest.mark.parametrize("sampler", ["sgld", "rmsprop_sgld", "sketch_sgld"])
@@ -31,7 +18,7 @@ def test_scores_are_the_pinned_ones(sampler, tmp_path, trained_mlp, small_data):
     task = PlainRegressionTask()
     model = prepare_model(trained_mlp, task)
     extra = {"sketch_rank": 8, "step_size": 0.05} if sampler == "sketch_sgld" else {}
-    args = BIFArguments(sampler=sampler, **{**COMMON, **extra})
+    args = BIFArguments(sampler=sampler, **{**PIN_ARGS, **extra})
     analyzer = Analyzer("pin", model, task, cpu=True, output_dir=str(tmp_path), disable_tqdm=True, strategy="bif")
     analyzer.fit_all_factors("f", dataset=train, bif_args=args)
     analyzer.compute_pairwise_scores("pw", "f", query_dataset=query, train_dataset=train, per_device_query_batch_size=4)
