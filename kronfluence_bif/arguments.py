@@ -20,6 +20,10 @@ RUN_CONTROL_FIELDS = (
 )
 
 
+AUTO_SAMPLER = "auto"  # BIFArguments.sampler's default: chosen per run by `BIFArguments.resolved`
+AUTO_SPAN_BYTES = 1 << 30  # "auto" takes subspace_sgld while its span basis (sketch_rank x weights, fp32) fits
+
+
 def _help(text: str, **kwargs: Any) -> Any:
     return field(metadata={"help": text}, **kwargs)
 
@@ -53,26 +57,50 @@ class BIFArguments:
     """
 
     sampler: str = _help(
-        "`sketch_sgld` (SGLD preconditioned by (nbeta F_K + localization)^-1, F_K a low-rank Fisher sketch at w* from "
-        "sampled-label gradients), `subspace_sgld` (the same sketch, sampling only its span, with Rayleigh-Ritz "
-        "eigenvalues), `rmsprop_sgld` (diagonal RMSprop preconditioner, Li et al. 2016) or `sgld`; any name "
+        "`auto` (the default: `subspace_sgld` when its span fits, sketch_rank x the number of sampled weights x 4 "
+        "bytes <= 1 GiB, and `sampler_batch_size` is unset (it needs the full-batch gradient); else `rmsprop_sgld`. "
+        "Resolved per run, logged, and recorded in bif_diagnostics.json), "
+        "`subspace_sgld` (SGLD on the span of a low-rank Fisher sketch at w*, with Rayleigh-Ritz eigenvalues, a "
+        "full-batch gradient and the drift centred at w*), `sketch_sgld` (SGLD preconditioned by (nbeta F_K + "
+        "localization)^-1), `rmsprop_sgld` (diagonal RMSprop preconditioner, Li et al. 2016) or `sgld`; any name "
         "registered with `kronfluence_bif.samplers.register_sampler`.",
-        default="rmsprop_sgld",
+        default=AUTO_SAMPLER,
     )
     num_chains: int = _help("Number of independent chains (C in the paper).", default=4)
     num_draws: int = _help("Draws kept per chain (T in the paper).", default=400)
-    num_burnin_steps: int = _help("SGLD steps discarded at the start of each chain (b in the paper).", default=100)
+    num_burnin_steps: Optional[int] = _help(
+        "SGLD steps discarded at the start of each chain (b in the paper). None: the sampler's default "
+        "(subspace_sgld 20, the others 100).",
+        default=None,
+    )
     draw_interval: int = _help("SGLD steps between two kept draws (thinning).", default=1)
     step_size: Optional[float] = _help(
         "SGLD step size epsilon; None: the sampler's default (sketch_sgld 0.25 and subspace_sgld 1.0, which are "
-        "dimensionless since their preconditioner ~ the inverse curvature; sgld and rmsprop_sgld 3e-4).",
+        "dimensionless since their preconditioner ~ the inverse curvature; sgld and rmsprop_sgld 3e-4). Its scale "
+        "is the sampler's, so setting it needs an explicit `sampler`.",
         default=None,
     )
-    nbeta: float = _help("Effective sample size times inverse temperature (n*beta).", default=1000.0)
-    localization: float = _help("Strength gamma of the pull towards w* (plays the role of damping).", default=1000.0)
-    sampler_batch_size: int = _help(
-        "Minibatch size m of the SGLD gradient (its noise grows with nbeta^2 / m: cold chains need large m).",
-        default=64,
+    nbeta: Optional[float] = _help(
+        "Effective sample size times inverse temperature (n*beta). None: the sampler's default (subspace_sgld 1e5, "
+        "the others 1e3).",
+        default=None,
+    )
+    localization: Optional[float] = _help(
+        "Strength gamma of the pull towards w* (plays the role of damping, localization / nbeta). None: the "
+        "sampler's default (1e3).",
+        default=None,
+    )
+    sampler_batch_size: Optional[int] = _help(
+        "Minibatch size m of the SGLD gradient (its noise grows with nbeta^2 / m: cold chains need large m). None: "
+        "the sampler's default (subspace_sgld the whole training set, the others 64).",
+        default=None,
+    )
+    center_gradient: Optional[bool] = _help(
+        "Drive the chains by grad L(w) - grad L(w*) (one full pass over the training set at w* per run), so w* is a "
+        "stationary point of the sampled potential, as the local BIF assumes: a w* trained short of a minimum "
+        "otherwise pulls a tight posterior towards the minimum nearby, where the curvature differs (README, "
+        "\"Defaults\"). None: the sampler's default (subspace_sgld True, the others False).",
+        default=None,
     )
     normalize: bool = _help("Pearson correlation instead of covariance (the paper's normalized BIF).", default=False)
     seed: int = _help("Base seed; chain c is seeded by (seed, c), independent of the number of processes.", default=0)
@@ -113,11 +141,12 @@ class BIFArguments:
         "each block (time grows, memory does not).",
         default=4.0,
     )
-    sketch_rank: int = _help(
+    sketch_rank: Optional[int] = _help(
         "Number K of sampled-label minibatch gradients in sketch_sgld's and subspace_sgld's curvature sketch (its "
         "rank; subspace_sgld's span dimension). Memory: K x the number of sampled weights in float32; cost: K "
-        "backward passes of one minibatch, once per run.",
-        default=128,
+        "backward passes of one minibatch, once per run. None: the sampler's default (subspace_sgld 256, "
+        "sketch_sgld 128).",
+        default=None,
     )
     keep_checkpoints: bool = _help(
         "Keep the checkpoints after the final scores are written (they are removed by default).", default=False
@@ -145,25 +174,40 @@ class BIFArguments:
     )
 
     def __post_init__(self) -> None:
-        # step_size=None resolves to the sampler's default: sketch-SGLD's step is dimensionless, the others' are not
-        if self.step_size is None and self.sampler in SAMPLERS:
-            self.step_size = SAMPLERS[self.sampler].default_step_size
+        # a field left None takes the sampler's default (sketch-SGLD's step is dimensionless, the others' are not);
+        # with sampler="auto" they stay None until `resolved` knows the model
+        if self.sampler in SAMPLERS:
+            self._fill_defaults()
         self.validate()
+
+    def _fill_defaults(self) -> None:
+        cls = SAMPLERS[self.sampler]
+        if self.step_size is None:
+            self.step_size = cls.default_step_size
+        for name, value in cls.defaults.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+
+    def resolved(self, num_weights: int) -> BIFArguments:
+        """These arguments with `sampler="auto"` resolved for a run over `num_weights` sampled weights (and the
+        fields left None set to that sampler's defaults); themselves when the sampler is explicit."""
+        if self.sampler != AUTO_SAMPLER:
+            return self
+        rank = self.sketch_rank or SAMPLERS["subspace_sgld"].defaults["sketch_rank"]
+        fits = rank * int(num_weights) * 4 <= AUTO_SPAN_BYTES
+        # subspace_sgld needs the full-batch gradient: a minibatch size set by the user means a minibatch sampler
+        full_batch = self.sampler_batch_size is None
+        return dataclasses.replace(self, sampler="subspace_sgld" if fits and full_batch else "rmsprop_sgld")
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
         """Raise ValueError naming the first invalid field and its allowed range."""
-        sampler_class(self.sampler)  # ValueError naming the registered samplers
-        for name in (
-            "num_chains",
-            "num_draws",
-            "draw_interval",
-            "sampler_batch_size",
-            "draws_per_block",
-            "sketch_rank",
-        ):
+        self._check_sampler()
+        for name in ("num_chains", "num_draws", "draw_interval", "draws_per_block"):
             _check_int(name, getattr(self, name), minimum=1)
-        _check_int("num_burnin_steps", self.num_burnin_steps, minimum=0)
+        for name, minimum in (("sampler_batch_size", 1), ("sketch_rank", 1), ("num_burnin_steps", 0)):
+            if getattr(self, name) is not None:  # None: the sampler's default (resolved with the model)
+                _check_int(name, getattr(self, name), minimum=minimum)
         _check_int("seed", self.seed, minimum=0)
         _check_int("checkpoint_interval", self.checkpoint_interval, minimum=0)
         if self.num_threads is not None and (
@@ -183,9 +227,12 @@ class BIFArguments:
                 "BIFArguments needs at least 2 draws in total (num_chains * num_draws >= 2) to estimate a covariance, "
                 f"got num_chains={self.num_chains}, num_draws={self.num_draws}."
             )
-        _check_float("step_size", self.step_size, low=0.0, hint="typical values are 1e-6 to 1e-3")
-        _check_float("nbeta", self.nbeta, low=0.0, hint="typical values are 10 to the training set size")
-        _check_float("localization", self.localization, low=0.0, allow_zero=True, hint="typical values 10 to 1e4")
+        if self.sampler != AUTO_SAMPLER:
+            _check_float("step_size", self.step_size, low=0.0, hint="typical values are 1e-6 to 1e-3")
+        if self.nbeta is not None:
+            _check_float("nbeta", self.nbeta, low=0.0, hint="typical values are 10 to 1e6")
+        if self.localization is not None:
+            _check_float("localization", self.localization, low=0.0, allow_zero=True, hint="typical values 10 to 1e4")
         _check_float("rmsprop_eps", self.rmsprop_eps, low=0.0, hint="typical values 1e-8 to 1")
         _check_float("moment_memory_gb", self.moment_memory_gb, low=0.0, hint="e.g. 4")
         _check_float("divergence_loss_ratio", self.divergence_loss_ratio, low=1.0, hint="e.g. 1000")
@@ -201,6 +248,9 @@ class BIFArguments:
             )
         if not (isinstance(self.rmsprop_alpha, (int, float)) and 0.0 < float(self.rmsprop_alpha) < 1.0):
             raise ValueError(f"BIFArguments.rmsprop_alpha must be in (0, 1), got {self.rmsprop_alpha!r}.")
+        self._check_flags()
+
+    def _check_flags(self) -> None:
         for name in (
             "normalize",
             "freeze_preconditioner",
@@ -211,11 +261,28 @@ class BIFArguments:
         ):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"BIFArguments.{name} must be True or False, got {getattr(self, name)!r}.")
+        if self.center_gradient is not None and not isinstance(self.center_gradient, bool):
+            raise ValueError(
+                f"BIFArguments.center_gradient must be None (the sampler's default), True or False, got "
+                f"{self.center_gradient!r}."
+            )
+
+    def _check_sampler(self) -> None:
+        """A registered sampler or "auto"; with "auto" the step size, whose scale is the sampler's, stays unset."""
+        if self.sampler != AUTO_SAMPLER:
+            sampler_class(self.sampler)  # ValueError naming the registered samplers
+        elif self.step_size is not None:
+            raise ValueError(
+                f"BIFArguments.step_size={self.step_size!r} needs an explicit `sampler`: its scale is the sampler's "
+                "(dimensionless, about 1, for subspace_sgld and sketch_sgld; about 3e-4 for sgld and rmsprop_sgld). "
+                "Set e.g. sampler='rmsprop_sgld' with it, or leave step_size=None."
+            )
 
     def _check_stability(self) -> None:
         """The sampler's own limits (e.g. the localization term alone must not diverge: step x gamma x max G < 4),
-        declared by each sampler class (`Sampler.check_arguments`)."""
-        sampler_class(self.sampler).check_arguments(self)
+        declared by each sampler class (`Sampler.check_arguments`); checked once "auto" is resolved."""
+        if self.sampler != AUTO_SAMPLER:
+            sampler_class(self.sampler).check_arguments(self)
 
     # ------------------------------------------------------------------ serialization
     def to_dict(self) -> Dict[str, Any]:

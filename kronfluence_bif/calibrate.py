@@ -27,7 +27,7 @@ from kronfluence_bif.distributed import process_state, unwrap_model
 from kronfluence_bif.errors import SamplerDivergenceError
 from kronfluence_bif.logs import logger
 from kronfluence_bif.parameters import SampledWeights
-from kronfluence_bif.problem import Problem, calibration_problem
+from kronfluence_bif.problem import Problem, calibration_problem, resolve_arguments
 
 STEP_FACTORS = (0.1, 0.3, 1.0, 3.0, 10.0)
 
@@ -118,7 +118,7 @@ def calibrate(
     listed as invalid. The model is restored bitwise afterwards. Under torchrun / accelerate launch the grid is
     split over the processes (each runs its settings' chains alone) and every process gets the whole result.
     """
-    base = base_args if base_args is not None else BIFArguments()
+    base = resolve_arguments(model, task, base_args if base_args is not None else BIFArguments())
     step_sizes = list(step_sizes) if step_sizes else [base.step_size * f for f in STEP_FACTORS]
     nbetas = list(nbetas) if nbetas else [base.nbeta]
     localizations = list(localizations) if localizations else [base.localization]

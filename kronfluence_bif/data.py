@@ -139,10 +139,10 @@ class EvalBatches:
 class MinibatchStream:
     """SGLD minibatches from the whole training set: a fresh permutation every epoch, incomplete tail dropped."""
 
-    def __init__(self, source: DatasetOnDevice, batch_size: int) -> None:
+    def __init__(self, source: DatasetOnDevice, batch_size: Optional[int]) -> None:
         self.source = source
         self.n = len(source)
-        self.batch_size = min(batch_size, self.n)
+        self.batch_size = self.n if batch_size is None else min(batch_size, self.n)  # None: full batch
         self._perm: Optional[torch.Tensor] = None
         self._pos = 0
         self._generator: Optional[torch.Generator] = None

@@ -16,9 +16,10 @@ from kronfluence.arguments import ScoreArguments
 from torch import nn
 from torch.utils import data
 
-from kronfluence_bif.arguments import BIFArguments
+from kronfluence_bif.arguments import AUTO_SAMPLER, BIFArguments
 from kronfluence_bif.data import DatasetOnDevice, MinibatchStream
 from kronfluence_bif.engine import SamplingEngine, Side, monitor_rows
+from kronfluence_bif.logs import logger
 from kronfluence_bif.loss_views import LossViews
 from kronfluence_bif.parameters import SampledWeights, select_parameters
 from kronfluence_bif.requests import ScoreKind, ScoreRequest, as_dtype
@@ -65,6 +66,28 @@ class Problem:
             monitor=self.monitor,
             **kw,
         )
+
+
+def resolve_arguments(model: nn.Module, task: Any, bif_args: BIFArguments) -> BIFArguments:
+    """`bif_args` with sampler="auto" resolved for this model's sampled weights (logged once per run)."""
+    if bif_args.sampler != AUTO_SAMPLER:
+        return bif_args
+    params = select_parameters(model, task.get_influence_tracked_modules(), bif_args.sampled_modules)
+    num_weights = sum(p.numel() for _, p in params)
+    resolved = bif_args.resolved(num_weights)
+    logger.info(
+        "sampler='auto': %s for %d sampled weights (nbeta %g, localization %g, step_size %g, sampler_batch_size %s, "
+        "%d burn-in steps%s).",
+        resolved.sampler,
+        num_weights,
+        resolved.nbeta,
+        resolved.localization,
+        resolved.step_size,
+        "full batch" if resolved.sampler_batch_size is None else resolved.sampler_batch_size,
+        resolved.num_burnin_steps,
+        ", centred at w*" if resolved.center_gradient else "",
+    )
+    return resolved
 
 
 def score_problem(

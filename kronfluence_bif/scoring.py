@@ -26,7 +26,7 @@ from kronfluence_bif.distributed import ProcessState, process_state, unwrap_mode
 from kronfluence_bif.engine import SamplingResult, Side, reduced_dim
 from kronfluence_bif.logs import logger
 from kronfluence_bif.parameters import SampledWeights
-from kronfluence_bif.problem import Problem, score_problem
+from kronfluence_bif.problem import Problem, resolve_arguments, score_problem
 from kronfluence_bif.requests import (  # noqa: F401 - re-exported: the request API's historical home
     IGNORED_SCORE_FIELDS,
     PartitionPlan,
@@ -102,21 +102,23 @@ class BIFScorer:
         return todo
 
     def _score(self, req, args, bif_args, plan: PartitionPlan, data_partitions, module_partition, state, out) -> None:
-        """Sample every score key of one module partition (one set of chains per key), then write its files."""
+        """Sample every score key of one module partition (one set of chains per key), then write its files. The
+        files record the user's `bif_args`; the diagnostics also the resolved ones the chains ran with."""
         start = time.time()
+        run_args = resolve_arguments(self.model, self.task, bif_args)  # what the chains sample with
         columns = plan.columns(data_partitions, module_partition)
         widths = [hi - lo for lo, hi in (plan.chunk(p, module_partition) for p in data_partitions)]
         scores: Dict[str, Matrices] = {}
         results: Dict[str, SamplingResult] = {}
         tags = []
         # the job's data and sides once (collating a dataset onto the device is a fixed cost); per key its weights
-        job = score_problem(self.model, self.task, req, args, bif_args, columns, widths)
+        job = score_problem(self.model, self.task, req, args, run_args, columns, widths)
         for key, params in plan.score_keys(module_partition):
             tags.append(plan.tag(req.kind, data_partitions, module_partition, key))
             problem = job if params is None else dataclasses.replace(job, params=params)
-            checkpoints = self._checkpoints(req, args, bif_args, out, tags[-1], state)
+            checkpoints = self._checkpoints(req, args, run_args, out, tags[-1], state)
             with self._profile(f"Sample BIF {req.kind.label} Scores"):
-                result, blocks = self._sample(problem, bif_args, columns, state, checkpoints, tags[-1], out, req, args)
+                result, blocks = self._sample(problem, run_args, columns, state, checkpoints, tags[-1], out, req, args)
             # only the writer forms the score matrix; the moments are dropped once it has
             state.on_main(lambda r=result, b=blocks, k=key: scores.__setitem__(k, _score_matrix(r, b, bif_args)))
             result.moments = None
@@ -124,7 +126,7 @@ class BIFScorer:
         logger.info("Sampled BIF %s scores in %.2f seconds.", req.kind, time.time() - start)
         with self._profile(f"Save BIF {req.kind.label} Scores"):
             # diagnostics first, scores last: an existing score file always means a complete run
-            state.on_main(self._write_diagnostics, out, results, bif_args)
+            state.on_main(self._write_diagnostics, out, results, run_args)
             state.on_main(
                 self._write_results, out, req.kind, args, bif_args, scores, data_partitions, module_partition, plan
             )
@@ -256,6 +258,9 @@ class BIFScorer:
         for warning in report["warnings"]:
             logger.warning("BIF sampler diagnostics (%s): %s", warning["code"], warning["message"])
         storage.save_tensors(out / storage.BIF_TRACES_FILE, traces)
+        report["sampler_arguments"] = {  # what the run sampled with ("auto" and None fields resolved)
+            k: v for k, v in bif_args.to_dict().items() if k not in RUN_CONTROL_FIELDS
+        }
         # NaN (e.g. the R-hat of flat chains) becomes null: the file stays strict JSON
         storage.save_json(storage.jsonable(report), out / storage.BIF_DIAGNOSTICS_FILE)
 

@@ -105,6 +105,7 @@ PINS = Path(__file__).parent / "data" / "pinned_scores.safetensors"
 RECORD_PINS = os.environ.get("KBIF_RECORD_PINS") == "1"
 # the BIFArguments of the pinned sampler runs (test_pinned.py), also used to compare other paths with them
 PIN_ARGS = dict(
+    sampler="rmsprop_sgld",  # the default sampler when the pins were recorded
     num_chains=2,
     num_draws=24,
     num_burnin_steps=10,

@@ -144,7 +144,7 @@ def test_exploding_chain_is_flagged(tmp_path):
 
 
 def test_summarize_flags_synthetic_failure_modes():
-    args = BIFArguments()
+    args = BIFArguments(sampler="rmsprop_sgld")
     rising = torch.linspace(1.0, 50.0, 100, dtype=torch.float64)
     falling = torch.linspace(1.0, 0.5, 100, dtype=torch.float64)
     flat = torch.full((100,), 1.0, dtype=torch.float64)
@@ -183,7 +183,7 @@ def test_undefined_statistics_are_written_as_null(tmp_path):
     traces = {"mean_train_loss": torch.ones(2, 10, dtype=torch.float64)}
     chains = [{"chain": c, "initial_mean_loss": 1.0, "loss_scale": 1.0} for c in range(2)]
     result = SamplingResult(moments=None, chain_summaries=chains, traces=traces)
-    BIFScorer._write_diagnostics(tmp_path, {storage.ALL_MODULES: result}, BIFArguments())
+    BIFScorer._write_diagnostics(tmp_path, {storage.ALL_MODULES: result}, BIFArguments(sampler="rmsprop_sgld"))
     report = json.loads((tmp_path / storage.BIF_DIAGNOSTICS_FILE).read_text(), parse_constant=_reject)
     assert report["rhat_mean_train_loss"] is None and report["chains"][0]["ess_mean_train_loss"] is None
 

@@ -41,7 +41,7 @@ INVALID_FIELDS = [
 @pytest.mark.parametrize("field,value", INVALID_FIELDS)
 def test_each_invalid_field_is_named(field, value):
     with pytest.raises(ValueError, match=rf"BIFArguments\.{field} must"):
-        BIFArguments(**{field: value})
+        BIFArguments(**{"sampler": "rmsprop_sgld", field: value})
 
 
 def test_localization_stability_limit():

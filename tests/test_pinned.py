@@ -18,7 +18,7 @@ def test_scores_are_the_pinned_ones(sampler, tmp_path, trained_mlp, small_data):
     task = PlainRegressionTask()
     model = prepare_model(trained_mlp, task)
     extra = {"sketch_rank": 8, "step_size": 0.05} if sampler == "sketch_sgld" else {}
-    args = BIFArguments(sampler=sampler, **{**PIN_ARGS, **extra})
+    args = BIFArguments(**{**PIN_ARGS, "sampler": sampler, **extra})
     analyzer = Analyzer("pin", model, task, cpu=True, output_dir=str(tmp_path), disable_tqdm=True, strategy="bif")
     analyzer.fit_all_factors("f", dataset=train, bif_args=args)
     analyzer.compute_pairwise_scores("pw", "f", query_dataset=query, train_dataset=train, per_device_query_batch_size=4)

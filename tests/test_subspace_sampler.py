@@ -81,9 +81,10 @@ def test_rayleigh_ritz_through_a_network_matches_its_exact_hessian():
 def test_chain_covariance_on_the_span_is_the_closed_form_and_zero_off_it():
     # potential nbeta/2 w^T H w + gamma/2 |w|^2 (a linear-Gaussian posterior), full-batch gradient H w, on a
     # random 3-dim span of R^6: with Ritz pairs (s, V), the restricted Hessian is diag(nbeta s + gamma) exactly,
-    # so each coordinate alpha = V w is an AR(1) with rho = 1 - eps/2 and stationary variance
-    # eps prec / (1 - rho^2) = prec / (1 - eps/4), prec = 1 / (nbeta s + gamma) (-> V diag(prec) V^T as eps -> 0)
-    d, nbeta, gamma, eps, steps, burnin = 6, 10.0, 2.0, 1.0, 30000, 50
+    # so each coordinate alpha = V w is an AR(1) with rho = 1 - eps/2 and, with the noise variance
+    # eps (1 - eps/4) prec, stationary variance eps (1 - eps/4) prec / (1 - rho^2) = prec, prec = 1 / (nbeta s + gamma):
+    # exactly V diag(prec) V^T at any eps < 4 (plain SGLD's would be prec / (1 - eps/4)); eps 1.5 tells them apart
+    d, nbeta, gamma, eps, steps, burnin = 6, 10.0, 2.0, 1.5, 30000, 50
     h, _ = _spd([50.0, 20.0, 5.0, 1.0, 0.3, 0.1], seed=0)
     refined = _quadratic_ritz(h, _random_span(d, 3, seed=4))
     w, anchor = torch.zeros(d, dtype=F64), torch.zeros(d, dtype=F64)
@@ -95,7 +96,7 @@ def test_chain_covariance_on_the_span_is_the_closed_form_and_zero_off_it():
             draws[t - burnin] = w
     v = refined.basis
     prec = 1.0 / (nbeta * refined.eigenvalues + gamma)
-    expected = v.T @ torch.diag(prec / (1 - eps / 4)) @ v
+    expected = v.T @ torch.diag(prec) @ v
     got = torch.cov(draws.T)
     # entry (i, j) of a sample covariance of N draws of independent AR(1)s: variance tau (C_ii C_jj + [i=j] C_ii^2) / N
     # with tau = (1 + rho^2) / (1 - rho^2) for products (rho^2 per lag); summed, E|err|_F^2 = tau (tr^2 + |C|_F^2) / N

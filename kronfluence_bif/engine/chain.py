@@ -21,7 +21,7 @@ from kronfluence_bif.engine.guards import DivergenceGuard
 from kronfluence_bif.engine.seeds import chain_seed
 from kronfluence_bif.logs import logger
 from kronfluence_bif.moments import CrossMoments
-from kronfluence_bif.samplers import Sampler, sampler_class
+from kronfluence_bif.samplers import Sampler, make_sampler
 
 if TYPE_CHECKING:
     from tqdm.auto import tqdm
@@ -121,8 +121,7 @@ class Chain:
     def _make_sampler(self) -> Sampler:
         eng = self.engine
         generator = torch.Generator(device=eng.device).manual_seed(chain_seed(self.args.seed, self.chain))
-        cls = sampler_class(self.args.sampler)
-        return cls.build(eng.weights.masters, eng.weights.anchors, self.args, generator, eng.context)
+        return make_sampler(self.args, eng.weights.masters, eng.weights.anchors, generator, eng.context)
 
     def _new_moments(self) -> CrossMoments:
         lay, diagonal = self.run_state.layout, self.engine.diagonal

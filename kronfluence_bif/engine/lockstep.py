@@ -29,7 +29,7 @@ from kronfluence_bif.engine.seeds import chain_seed
 from kronfluence_bif.logs import logger
 from kronfluence_bif.loss_views import PerExampleView
 from kronfluence_bif.moments import CrossMoments
-from kronfluence_bif.samplers import Sampler, sampler_class
+from kronfluence_bif.samplers import Sampler, make_sampler
 
 if TYPE_CHECKING:
     from kronfluence_bif.engine.engine import SamplingEngine
@@ -193,9 +193,7 @@ class Lane(Chain):
     def _make_sampler(self) -> Sampler:
         eng = self.engine
         generator = torch.Generator(device=eng.device).manual_seed(chain_seed(self.args.seed, self.chain))
-        return sampler_class(self.args.sampler).build(
-            self.params, eng.weights.anchors, self.args, generator, eng.context
-        )
+        return make_sampler(self.args, self.params, eng.weights.anchors, generator, eng.context)
 
     def _masters_state(self) -> Dict[str, torch.Tensor]:
         return {f"master.{i}": p for i, p in enumerate(self.params)}

@@ -5,7 +5,14 @@ four (`sgld`, `rmsprop_sgld`, `sketch_sgld`, `subspace_sgld`). A new sampler: su
 `register_sampler("name")`, and import its module before building `BIFArguments(sampler="name")`.
 """
 
-from kronfluence_bif.samplers.base import SAMPLERS, Sampler, SamplerContext, register_sampler, sampler_class
+from kronfluence_bif.samplers.base import (
+    SAMPLERS,
+    Sampler,
+    SamplerContext,
+    make_sampler,
+    register_sampler,
+    sampler_class,
+)
 from kronfluence_bif.samplers.rmsprop import RMSpropSGLD
 from kronfluence_bif.samplers.sgld import SGLD
 from kronfluence_bif.samplers.sketch import SketchSGLD
@@ -19,6 +26,7 @@ __all__ = [
     "SamplerContext",
     "SketchSGLD",
     "SubspaceSGLD",
+    "make_sampler",
     "register_sampler",
     "sampler_class",
 ]

@@ -37,6 +37,7 @@ if TYPE_CHECKING:  # type hints only: the samplers sit below the arguments and t
 Vectors = List[torch.Tensor]
 RootFn = Callable[[Vectors], Vectors]
 SAMPLERS: Dict[str, Type[Sampler]] = {}  # name -> class, filled by `register_sampler`
+ANCHOR_GRADIENT_KEY = "anchor_gradient"  # SamplerContext.cache: the full-batch gradient at w*
 _S = TypeVar("_S", bound=Type["Sampler"])
 
 
@@ -63,6 +64,16 @@ def sampler_class(name: str) -> Type[Sampler]:
     return SAMPLERS[name]
 
 
+def make_sampler(
+    args: BIFArguments, params: Vectors, anchors: Vectors, generator: torch.Generator, context: SamplerContext
+) -> Sampler:
+    """One chain's sampler of `args.sampler`, centred at w* when `args.center_gradient` (the engines' one entry)."""
+    sampler = sampler_class(args.sampler).build(params, anchors, args, generator, context)
+    if args.center_gradient:
+        sampler.center(context.anchor_gradient())
+    return sampler
+
+
 @dataclass
 class SamplerContext:
     """What a sampler may use besides its weights: the model and data at w*, and a curvature probe.
@@ -82,6 +93,24 @@ class SamplerContext:
     sharpness: Callable[[Optional[RootFn], float], Optional[float]]
     cache: Dict[str, Any] = field(default_factory=dict)
 
+    def anchor_gradient(self) -> Vectors:
+        """grad of the mean train loss at w* over the whole training set, in minibatches of the stream's size, in
+        float64 sums (computed once per engine; the same on every process)."""
+        if ANCHOR_GRADIENT_KEY not in self.cache:
+            self.weights.reset()
+            params, stream = self.weights.params, self.stream
+            total = [torch.zeros(p.shape, dtype=torch.float64, device=p.device) for p in params]
+            for start in range(0, stream.n, stream.batch_size):
+                batch = stream.source.gather(torch.arange(start, min(start + stream.batch_size, stream.n)))
+                with torch.enable_grad():
+                    loss = self.views.summed_train_loss(batch, self.model)
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+                for t, g in zip(total, grads):
+                    if g is not None:
+                        t.add_(g.double())
+            self.cache[ANCHOR_GRADIENT_KEY] = [(t / stream.n).float() for t in total]
+        return self.cache[ANCHOR_GRADIENT_KEY]
+
 
 class Sampler:
     """A Langevin sampler on `params` (updated in place), localized at `anchors`; G = 1 unless a subclass says so.
@@ -94,6 +123,15 @@ class Sampler:
 
     name: str = ""
     default_step_size: float = 3e-4
+    # the sampler's values of the BIFArguments fields left None (`step_size` is `default_step_size`)
+    defaults: Dict[str, Any] = {
+        "nbeta": 1000.0,
+        "localization": 1000.0,
+        "sampler_batch_size": 64,
+        "num_burnin_steps": 100,
+        "sketch_rank": 128,
+        "center_gradient": False,
+    }
     buffer_rows: int = 1  # flat work rows of numel(params): the last one holds the noise
 
     def __init__(
@@ -122,6 +160,7 @@ class Sampler:
         self._noise_flat = self._rows[-1]
         self._noise = split_like(self._noise_flat, self.params)
         self.num_steps = 0
+        self.anchor_drift: Optional[Vectors] = None  # nbeta * grad L(w*) when centred (`center`), else None
         # when set, each step records the norms of its loss-gradient, localization and noise moves (diagnostics)
         self.track_norms = False
         self.last_norms: Optional[torch.Tensor] = None
@@ -145,6 +184,8 @@ class Sampler:
         """w <- w - eps/2 G (nbeta/m sum grad + gamma (w - w*)) + sqrt(eps) G^1/2 xi, for `grads` summed over a
         minibatch of `batch_size` examples."""
         drift = self._loss_drift(grads, batch_size)
+        if self.anchor_drift is not None:
+            torch._foreach_sub_(drift, self.anchor_drift)
         self._adapt(drift)
         diff = self._offset()
         noise = self._sample_noise()
@@ -197,6 +238,13 @@ class Sampler:
             loss_drift = torch._foreach_mul(loss_drift, precond)
             diff = torch._foreach_mul(diff, precond)
         return half * global_norm(loss_drift), half * self.localization * global_norm(diff)
+
+    def center(self, anchor_gradient: Sequence[torch.Tensor]) -> None:
+        """Drive the chain by grad L(w) - grad L(w*) (`anchor_gradient`: the full-batch mean train-loss gradient at
+        w*), so w* is a stationary point of the sampled potential (`BIFArguments.center_gradient`)."""
+        self.anchor_drift = [
+            torch.mul(g.to(device=p.device, dtype=p.dtype), self.nbeta) for g, p in zip(anchor_gradient, self.params)
+        ]
 
     # ------------------------------------------------------------------ diagnostics and resume
     def freeze(self) -> None:

@@ -35,12 +35,25 @@ _RITZ_SEED = 0x5175  # XORed into the run's root seed: the Rayleigh-Ritz minibat
 class SubspaceSGLD(SketchSGLD):
     """SGLD with G = V diag(prec) V^T, prec = 1 / (nbeta s + gamma), zero off the span of V (`basis` holds V^T).
 
-    One step: the coefficients c = V^T [drift, w - w*, xi] (one [3, p] x [p, k] GEMM), then
-    w <- w + V (sqrt(eps prec) c_xi - eps/2 prec (c_drift + gamma c_diff)) (one GEMV back). Started at w*, the
-    chain stays in w* + span(V); V^T xi is standard normal on the span since V is orthonormal.
+    One step: the coefficients c = V^T [drift, w - w*] (one [2, p] x [p, k] GEMM), then
+    w <- w + V (sqrt(eps (1 - eps/4) prec) xi_k - eps/2 prec (c_drift + gamma c_diff)) (one GEMV back), xi_k
+    standard normal on the span. Started at w*, the chain stays in w* + span(V). The noise factor sqrt(1 - eps/4)
+    makes the linear chain's stationary variance exact on every Ritz direction (plain SGLD inflates it by
+    (1 - eps/4)^-1), so eps can be near 2, where the linear chain draws i.i.d.; the default 1.0 keeps room for
+    the curvature growing away from w*.
     """
 
     default_step_size = 1.0  # dimensionless: G A = 1 on the span with exact Ritz values
+    defaults = {
+        **SketchSGLD.defaults,
+        "nbeta": 1e5,
+        "localization": 1e3,
+        "sampler_batch_size": None,  # the whole training set: a tight posterior needs the full-batch gradient
+        "num_burnin_steps": 20,
+        "sketch_rank": 256,
+        "center_gradient": True,
+    }
+    buffer_rows = 2  # loss drift, w - w*; the noise is drawn on the span (k numbers, not p)
 
     def __init__(
         self,
@@ -55,7 +68,9 @@ class SubspaceSGLD(SketchSGLD):
         super().__init__(params, anchors, step_size, nbeta, localization, generator, sketch)
         precision = self.nbeta * sketch.eigenvalues.double().clamp_min(0.0) + self.localization
         self.prec = (1.0 / precision).to(self.basis.dtype)
-        self.noise_scale = torch.sqrt(self.step_size / precision).to(self.basis.dtype)
+        # sqrt(1 - eps/4): the AR(1) a linear chain is on each Ritz direction then has exactly the target variance
+        self.noise_scale = torch.sqrt(self.step_size * (1.0 - self.step_size / 4.0) / precision).to(self.basis.dtype)
+        self._span_noise = torch.empty(sketch.rank, dtype=self.basis.dtype, device=self.basis.device)
 
     @classmethod
     def check_arguments(cls, args: BIFArguments) -> None:
@@ -74,22 +89,27 @@ class SubspaceSGLD(SketchSGLD):
         """The chain's sampler, with the run's refined sketch (built on the first chain, then from the context)."""
         if SUBSPACE_CACHE_KEY not in context.cache:
             sketch = build_sketch(context, args)
-            _check_rank(sketch, args)
+            _check_rank(sketch, args, context)
             context.cache[SUBSPACE_CACHE_KEY] = refine_sketch(sketch, context)
         sketch = context.cache[SUBSPACE_CACHE_KEY]
         return cls(params, anchors, args.step_size, args.nbeta, args.localization, generator, sketch)
 
     # ------------------------------------------------------------------ the update, fused
+    def _sample_noise(self) -> Vectors:
+        """V^T xi for xi ~ N(0, I_p) is N(0, I_k) (V orthonormal): draw the k coefficients directly."""
+        self._span_noise.normal_(generator=self.generator)
+        return [self._span_noise]
+
     def _move(self, drift: Vectors, diff: Optional[Vectors], noise: Vectors) -> None:
-        """w <- w + V (sqrt(eps prec) V^T xi - eps/2 prec V^T (drift + gamma diff)): one GEMM, one GEMV."""
+        """w <- w + V (noise_scale xi_k - eps/2 prec V^T (drift + gamma diff)): one [2, p] x [p, k] GEMM, one GEMV."""
         eps, gamma = self.step_size, self.localization
-        coef = (self.basis @ self._rows.T).T  # [3, k]
+        coef = self._rows @ self.basis.T  # [2, k]; this orientation reads the row-major basis ~3x faster
         loss_move = (0.5 * eps) * self.prec * coef[0]
         local_move = (0.5 * eps * gamma) * self.prec * coef[1]
-        noise_move = self.noise_scale * coef[2]
+        noise_move = self.noise_scale * noise[0]
         if self.track_norms:  # V orthonormal: |V c| = |c|
             self.last_norms = torch.stack([loss_move.norm(), local_move.norm(), noise_move.norm()])
-        update = self.basis.T @ (noise_move - loss_move - local_move)
+        update = (noise_move - loss_move - local_move) @ self.basis
         torch._foreach_add_(self.params, split_like(update, self.params))
 
     @property
@@ -105,9 +125,9 @@ class SubspaceSGLD(SketchSGLD):
 
 
 # ---------------------------------------------------------------------------------------------- Rayleigh-Ritz
-def _check_rank(sketch: CurvatureSketch, args: BIFArguments) -> None:
+def _check_rank(sketch: CurvatureSketch, args: BIFArguments, context: SamplerContext) -> None:
     """Warn when the span is much smaller than asked: the chain samples nothing outside it."""
-    if sketch.rank < args.sketch_rank // 2:
+    if sketch.rank < min(args.sketch_rank, context.stream.n) // 2:  # n x outputs bounds the Fisher's rank
         warn_once(
             "subspace-low-rank",
             f"subspace_sgld samples only a {sketch.rank}-dimensional span (sketch_rank={args.sketch_rank}): the "
@@ -137,16 +157,24 @@ def refine_sketch(sketch: CurvatureSketch, context: SamplerContext) -> Curvature
             str(exc).splitlines()[0][:200] if str(exc) else "",
         )
         return sketch
+    positive = refined.eigenvalues > 0
     logger.info(
         "subspace_sgld: Rayleigh-Ritz on the %d-dimensional sketch span over %d examples: top curvature %.4g "
-        "(sketch %.4g), %d Ritz values <= 0 (clamped).",
+        "(sketch %.4g); %d Ritz directions with curvature <= 0 dropped from the span.",
         refined.rank,
         m,
         float(refined.eigenvalues[0]),
         float(sketch.eigenvalues[0]),
-        int((refined.eigenvalues <= 0).sum()),
+        int((~positive).sum()),
     )
-    return refined
+    if not bool(positive.any()):
+        raise ValueError(
+            "subspace_sgld: the train loss has no positive curvature on the sketch span at w* (is the model trained?); "
+            "use sampler='rmsprop_sgld'."
+        )
+    # where the loss curves down the localized posterior is improper or barely held by the localization alone, and
+    # a chain there runs away (a model trained short of a minimum): those directions are not sampled
+    return CurvatureSketch(basis=refined.basis[positive].contiguous(), eigenvalues=refined.eigenvalues[positive])
 
 
 def rayleigh_ritz(

@@ -126,6 +126,7 @@ def main() -> None:
         PartialState(cpu=True)  # initialises gloo under torchrun
         model = nn.parallel.DistributedDataParallel(model)
     bif_args = BIFArguments(
+        sampler="rmsprop_sgld",  # the default when the pins were recorded
         num_chains=opts.chains,
         num_draws=opts.draws,
         num_burnin_steps=20,
