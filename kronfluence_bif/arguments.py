@@ -99,7 +99,7 @@ class BIFArguments:
         "Drive the chains by grad L(w) - grad L(w*) (one full pass over the training set at w* per run), so w* is a "
         "stationary point of the sampled potential, as the local BIF assumes: a w* trained short of a minimum "
         "otherwise pulls a tight posterior towards the minimum nearby, where the curvature differs (README, "
-        "\"Defaults\"). None: the sampler's default (subspace_sgld True, the others False).",
+        "Defaults). None: the sampler's default (subspace_sgld True, the others False).",
         default=None,
     )
     normalize: bool = _help("Pearson correlation instead of covariance (the paper's normalized BIF).", default=False)
