@@ -15,7 +15,7 @@ Where double backward fails, the sketch's own eigenvalues are kept (one log line
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, List, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -35,12 +35,13 @@ _RITZ_SEED = 0x5175  # XORed into the run's root seed: the Rayleigh-Ritz minibat
 class SubspaceSGLD(SketchSGLD):
     """SGLD with G = V diag(prec) V^T, prec = 1 / (nbeta s + gamma), zero off the span of V (`basis` holds V^T).
 
-    One step: the coefficients c = V^T [drift, w - w*] (one [2, p] x [p, k] GEMM), then
-    w <- w + V (sqrt(eps (1 - eps/4) prec) xi_k - eps/2 prec (c_drift + gamma c_diff)) (one GEMV back), xi_k
-    standard normal on the span. Started at w*, the chain stays in w* + span(V). The noise factor sqrt(1 - eps/4)
-    makes the linear chain's stationary variance exact on every Ritz direction (plain SGLD inflates it by
-    (1 - eps/4)^-1), so eps can be near 2, where the linear chain draws i.i.d.; the default 1.0 keeps room for
-    the curvature growing away from w*.
+    One step: w <- w + V (sqrt(eps (1 - eps/4) prec) xi_k - eps/2 prec (V^T drift + gamma c)), with xi_k standard
+    normal on the span and c = V^T (w - w*) tracked on the span: one GEMV onto the span and one back. Started at
+    w*, the chain stays in w* + span(V). The noise factor sqrt(1 - eps/4) makes the linear chain's stationary
+    variance exact on every Ritz direction (plain SGLD inflates it by (1 - eps/4)^-1), so eps can be near 2, where
+    the linear chain draws i.i.d.; the default 1.0 keeps room for the curvature growing away from w*.
+    The drift is centred at w* by default (`BIFArguments.center_gradient`), and Ritz directions of curvature <= 0
+    are dropped from the span (`refine_sketch`).
     """
 
     default_step_size = 1.0  # dimensionless: G A = 1 on the span with exact Ritz values
@@ -71,6 +72,9 @@ class SubspaceSGLD(SketchSGLD):
         # sqrt(1 - eps/4): the AR(1) a linear chain is on each Ritz direction then has exactly the target variance
         self.noise_scale = torch.sqrt(self.step_size * (1.0 - self.step_size / 4.0) / precision).to(self.basis.dtype)
         self._span_noise = torch.empty(sketch.rank, dtype=self.basis.dtype, device=self.basis.device)
+        # V^T (w - w*), kept on the span instead of projected each step (the chain moves only along V); None: to be
+        # projected from the weights (a new or resumed chain)
+        self._coef: Optional[torch.Tensor] = None
 
     @classmethod
     def check_arguments(cls, args: BIFArguments) -> None:
@@ -100,17 +104,38 @@ class SubspaceSGLD(SketchSGLD):
         self._span_noise.normal_(generator=self.generator)
         return [self._span_noise]
 
+    def _offset(self) -> None:
+        """w - w* is V c on the span, with c tracked by `_move`: no pass over the weights."""
+        if self._coef is None:
+            torch._foreach_copy_(self._diff_views, self.params)
+            torch._foreach_sub_(self._diff_views, self.anchors)
+            self._coef = torch.mv(self.basis, self._rows[1])
+        return None
+
     def _move(self, drift: Vectors, diff: Optional[Vectors], noise: Vectors) -> None:
-        """w <- w + V (noise_scale xi_k - eps/2 prec V^T (drift + gamma diff)): one [2, p] x [p, k] GEMM, one GEMV."""
+        """w <- w + V (noise_scale xi_k - eps/2 prec (V^T drift + gamma c)): one GEMV onto the span, one back."""
         eps, gamma = self.step_size, self.localization
-        coef = self._rows @ self.basis.T  # [2, k]; this orientation reads the row-major basis ~3x faster
-        loss_move = (0.5 * eps) * self.prec * coef[0]
-        local_move = (0.5 * eps * gamma) * self.prec * coef[1]
+        coef = torch.mv(self.basis, self._rows[0])  # V^T drift
+        loss_move = (0.5 * eps) * self.prec * coef
+        local_move = (0.5 * eps * gamma) * self.prec * self._coef
         noise_move = self.noise_scale * noise[0]
         if self.track_norms:  # V orthonormal: |V c| = |c|
             self.last_norms = torch.stack([loss_move.norm(), local_move.norm(), noise_move.norm()])
-        update = (noise_move - loss_move - local_move) @ self.basis
-        torch._foreach_add_(self.params, split_like(update, self.params))
+        step = noise_move - loss_move - local_move
+        self._coef += step
+        torch._foreach_add_(self.params, split_like(step @ self.basis, self.params))
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        """The base state and the tracked span coefficients (a resumed chain continues them bitwise)."""
+        state = super().state_dict()
+        if self._coef is not None:
+            state["span_coefficients"] = self._coef.clone()
+        return state
+
+    def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        super().load_state_dict(state)
+        coef = state.get("span_coefficients")
+        self._coef = None if coef is None else coef.to(self.basis).clone()  # None: projected at the next step
 
     @property
     def apply_root(self) -> RootFn:
