@@ -17,7 +17,7 @@ from kronfluence_bif import Analyzer, BIFArguments, prepare_model
 from kronfluence_bif.checkpoints import CheckpointStore
 from kronfluence_bif.curvature import CurvatureSketch
 from kronfluence_bif.samplers import SAMPLERS, SketchSGLD, SubspaceSGLD
-from kronfluence_bif.samplers.subspace import rayleigh_ritz
+from kronfluence_bif.samplers.subspace import positive_curvature, rayleigh_ritz
 
 F64 = torch.float64
 
@@ -267,3 +267,44 @@ def test_a_collapsed_sketch_span_is_warned(tmp_path, trained_mlp, small_data, ca
     with caplog.at_level(logging.INFO, logger="kronfluence_bif"):
         _pairwise(_analyzer(tmp_path, model, task), small_data, checkpoint_interval=0, num_draws=8)
     assert "subspace_sgld samples only a 1-dimensional span (sketch_rank=16)" in caplog.text
+
+
+def test_directions_of_negative_curvature_are_dropped_from_the_span():
+    h, _ = _spd([50.0, 20.0, 5.0, 1.0, 0.3, 0.1], seed=0)
+    h = h - 2.0 * torch.eye(6, dtype=F64)  # indefinite: three eigenvalues < 0
+    refined = _quadratic_ritz(h, _random_span(6, 4, seed=5))
+    kept = positive_curvature(refined)
+    positive = refined.eigenvalues > 0
+    assert 0 < kept.rank < refined.rank
+    torch.testing.assert_close(kept.eigenvalues, refined.eigenvalues[positive], rtol=0, atol=0)
+    torch.testing.assert_close(kept.basis, refined.basis[positive], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="no positive curvature"):
+        positive_curvature(CurvatureSketch(basis=refined.basis, eigenvalues=-refined.eigenvalues.abs()))
+
+
+def test_a_centred_chain_samples_around_w_star_and_an_uncentred_one_around_the_minimum():
+    # loss 1/2 (w - m)^T H (w - m) with its minimum m != w* = 0: centred, the drift is nbeta H (w - w*) and the
+    # posterior N(w*, (nbeta H + gamma)^-1) on the span; uncentred its mean is (nbeta H + gamma)^-1 nbeta H m there
+    d, nbeta, gamma, eps, steps = 6, 10.0, 2.0, 1.0, 20000
+    h, _ = _spd([50.0, 20.0, 5.0, 1.0, 0.3, 0.1], seed=0)
+    m = torch.linspace(-1.0, 1.0, d, dtype=F64)
+    refined = _quadratic_ritz(h, _random_span(d, 3, seed=4))
+    v = refined.basis
+    restricted = nbeta * torch.diag(refined.eigenvalues) + gamma * torch.eye(3, dtype=F64)
+    prec = 1.0 / (nbeta * refined.eigenvalues + gamma)
+    for centred in (True, False):
+        w, anchor = torch.zeros(d, dtype=F64), torch.zeros(d, dtype=F64)
+        sampler = SubspaceSGLD([w], [anchor], eps, nbeta, gamma, torch.Generator().manual_seed(1), refined)
+        if centred:
+            sampler.center([h @ (anchor - m)])
+        total = torch.zeros(3, dtype=F64)
+        for t in range(50 + steps):
+            sampler.step([h @ (w - m)], batch_size=1)
+            if t >= 50:
+                total += v @ w
+        mean = total / steps
+        expected = torch.zeros(3, dtype=F64) if centred else torch.linalg.solve(restricted, nbeta * v @ h @ m)
+        # AR(1) with rho = 1 - eps/2 per Ritz direction: the mean of N draws has variance prec (1 + rho) / (1 - rho) / N
+        sd = torch.sqrt(prec * 3.0 / steps)
+        assert bool(((mean - expected).abs() < 4 * sd).all()), (centred, mean, expected, sd)
+    assert float(expected.norm()) > 20 * float(sd.max())  # the two cases are far apart

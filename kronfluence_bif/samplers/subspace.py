@@ -182,7 +182,7 @@ def refine_sketch(sketch: CurvatureSketch, context: SamplerContext) -> Curvature
             str(exc).splitlines()[0][:200] if str(exc) else "",
         )
         return sketch
-    positive = refined.eigenvalues > 0
+    kept = positive_curvature(refined)
     logger.info(
         "subspace_sgld: Rayleigh-Ritz on the %d-dimensional sketch span over %d examples: top curvature %.4g "
         "(sketch %.4g); %d Ritz directions with curvature <= 0 dropped from the span.",
@@ -190,16 +190,21 @@ def refine_sketch(sketch: CurvatureSketch, context: SamplerContext) -> Curvature
         m,
         float(refined.eigenvalues[0]),
         float(sketch.eigenvalues[0]),
-        int((~positive).sum()),
+        refined.rank - kept.rank,
     )
+    return kept
+
+
+def positive_curvature(sketch: CurvatureSketch) -> CurvatureSketch:
+    """The Ritz pairs of curvature > 0. Where the loss curves down, the localized posterior is improper or held by
+    the localization alone, and a chain there runs away (a model trained short of a minimum): not sampled."""
+    positive = sketch.eigenvalues > 0
     if not bool(positive.any()):
         raise ValueError(
-            "subspace_sgld: the train loss has no positive curvature on the sketch span at w* (is the model trained?); "
-            "use sampler='rmsprop_sgld'."
+            "subspace_sgld: the train loss has no positive curvature on the sketch span at w* (is the model "
+            "trained?); use sampler='rmsprop_sgld'."
         )
-    # where the loss curves down the localized posterior is improper or barely held by the localization alone, and
-    # a chain there runs away (a model trained short of a minimum): those directions are not sampled
-    return CurvatureSketch(basis=refined.basis[positive].contiguous(), eigenvalues=refined.eigenvalues[positive])
+    return CurvatureSketch(basis=sketch.basis[positive].contiguous(), eigenvalues=sketch.eigenvalues[positive])
 
 
 def rayleigh_ritz(
