@@ -28,6 +28,7 @@ import torch
 
 from kronfluence_bif import storage
 from kronfluence_bif.arguments import BIFArguments
+from kronfluence_bif.samplers import sampler_class
 from kronfluence_bif.tables import format_value, text_table
 
 TRAINING_DROP = 0.05  # mean loss below (1 - 5%) of its start
@@ -109,7 +110,7 @@ def summarize(
         sharp = {"lambda_max": sharpness, "step_size_times_lambda_max": product}
         if product > SHARPNESS_LIMIT:
             if product < 4.0:
-                effect = f"inflates the variance along the sharpest directions by (1 - {product:.2g}/4)^-1"
+                effect = f"inflates the variance along the sharpest directions by {_inflation(args, product)}"
             else:
                 effect = "steps beyond its stability limit of 4 there: the chain does not sample the posterior"
             warnings.append(
@@ -121,6 +122,15 @@ def summarize(
                 )
             )
     return {"chains": chains, "rhat_mean_train_loss": rhat, "sharpness": sharp, "warnings": warnings}
+
+
+def _inflation(args: BIFArguments, product: float) -> str:
+    """SGLD's stationary variance over the target's along a direction where step x curvature = `product`: a sampler
+    whose noise is scaled by sqrt(1 - step/4) (exact where step x curvature = step) inflates it less."""
+    if getattr(sampler_class(args.sampler), "exact_linear_variance", False):
+        factor = (1.0 - float(args.step_size) / 4.0) / (1.0 - product / 4.0)
+        return f"(1 - {float(args.step_size):.2g}/4) / (1 - {product:.2g}/4) = {factor:.2g}"
+    return f"(1 - {product:.2g}/4)^-1"
 
 
 def merge_module_reports(reports: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
