@@ -118,7 +118,9 @@ def calibrate(
     listed as invalid. The model is restored bitwise afterwards. Under torchrun / accelerate launch the grid is
     split over the processes (each runs its settings' chains alone) and every process gets the whole result.
     """
-    base = resolve_arguments(model, task, base_args if base_args is not None else BIFArguments())
+    base_args = base_args if base_args is not None else BIFArguments()
+    # as a score run over the whole training set would resolve it (the grid's chains evaluate fewer examples)
+    base = resolve_arguments(model, task, base_args, len(train_dataset), len(train_dataset))
     step_sizes = list(step_sizes) if step_sizes else [base.step_size * f for f in STEP_FACTORS]
     nbetas = list(nbetas) if nbetas else [base.nbeta]
     localizations = list(localizations) if localizations else [base.localization]

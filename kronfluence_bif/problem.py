@@ -68,18 +68,23 @@ class Problem:
         )
 
 
-def resolve_arguments(model: nn.Module, task: Any, bif_args: BIFArguments) -> BIFArguments:
-    """`bif_args` with sampler="auto" resolved for this model's sampled weights (logged once per run)."""
+def resolve_arguments(
+    model: nn.Module, task: Any, bif_args: BIFArguments, num_train: int, num_evaluated: int
+) -> BIFArguments:
+    """`bif_args` with sampler="auto" resolved for this model's sampled weights, a posterior over `num_train`
+    examples and draws that evaluate `num_evaluated` (logged)."""
     if bif_args.sampler != AUTO_SAMPLER:
         return bif_args
     params = select_parameters(model, task.get_influence_tracked_modules(), bif_args.sampled_modules)
     num_weights = sum(p.numel() for _, p in params)
-    resolved = bif_args.resolved(num_weights)
+    resolved = bif_args.resolved(num_weights, num_train, num_evaluated)
     logger.info(
-        "sampler='auto': %s for %d sampled weights (nbeta %g, localization %g, step_size %g, sampler_batch_size %s, "
-        "%d burn-in steps%s).",
+        "sampler='auto': %s for %d sampled weights and %d training examples, %d evaluated per draw (nbeta %g, "
+        "localization %g, step_size %g, sampler_batch_size %s, %d burn-in steps%s).",
         resolved.sampler,
         num_weights,
+        num_train,
+        num_evaluated,
         resolved.nbeta,
         resolved.localization,
         resolved.step_size,

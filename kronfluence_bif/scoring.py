@@ -105,7 +105,7 @@ class BIFScorer:
         """Sample every score key of one module partition (one set of chains per key), then write its files. The
         files record the user's `bif_args`; the diagnostics also the resolved ones the chains ran with."""
         start = time.time()
-        run_args = resolve_arguments(self.model, self.task, bif_args)  # what the chains sample with
+        run_args = resolve_arguments(self.model, self.task, bif_args, *_evaluated(req))  # what the chains run
         columns = plan.columns(data_partitions, module_partition)
         widths = [hi - lo for lo, hi in (plan.chunk(p, module_partition) for p in data_partitions)]
         scores: Dict[str, Matrices] = {}
@@ -263,6 +263,15 @@ class BIFScorer:
         }
         # NaN (e.g. the R-hat of flat chains) becomes null: the file stays strict JSON
         storage.save_json(storage.jsonable(report), out / storage.BIF_DIAGNOSTICS_FILE)
+
+
+def _evaluated(req: ScoreRequest) -> Tuple[int, int]:
+    """(training examples in the posterior, examples every draw evaluates: the scored train rows and the queries)."""
+    n = len(req.train_dataset)
+    scored = n if req.train_indices is None else len(req.train_indices)
+    if req.query_dataset is None:
+        return n, scored
+    return n, scored + (len(req.query_dataset) if req.query_indices is None else len(req.query_indices))
 
 
 def _moment_scores(result: SamplingResult, bif_args: BIFArguments) -> torch.Tensor:

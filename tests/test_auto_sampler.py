@@ -31,6 +31,10 @@ def test_auto_takes_subspace_sgld_while_its_span_fits_and_the_batch_is_unset():
     large = args.resolved(largest + 1)
     assert large.sampler == "rmsprop_sgld"
     assert (large.step_size, large.nbeta, large.sampler_batch_size, large.center_gradient) == (3e-4, 1e3, 64, False)
+    # a full batch only while it costs about what the draws evaluate anyway: a posterior over more examples than
+    # twice the scored ones takes the minibatch sampler
+    assert args.resolved(10, num_train=200, num_evaluated=100).sampler == "subspace_sgld"
+    assert args.resolved(10, num_train=201, num_evaluated=100).sampler == "rmsprop_sgld"
     # a minibatch size set by the user means a minibatch sampler; a set field is kept, the rest are filled
     assert BIFArguments(sampler_batch_size=32).resolved(10).sampler == "rmsprop_sgld"
     kept = BIFArguments(nbeta=1e4, num_burnin_steps=7).resolved(10)
