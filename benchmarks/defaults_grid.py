@@ -53,7 +53,7 @@ def task_setup(name: str):
     return train, query, fit, query_losses, ClassificationTask()
 
 
-def retrain_losses(train, fit, query_losses, k: int, cache: Path):
+def retrain_losses(train, fit, query_losses, k: int, cache: Path, fraction: float = 0.5):
     if cache.exists():
         data = np.load(cache)
         if len(data["masks"]) >= k:
@@ -62,7 +62,7 @@ def retrain_losses(train, fit, query_losses, k: int, cache: Path):
     rng = np.random.RandomState(123)
     masks, losses = np.zeros((k, n), bool), []
     for i in range(k):
-        idx = rng.choice(n, n // 2, replace=False)
+        idx = rng.choice(n, n // 2 if fraction == 0.5 else max(2, round(fraction * n)), replace=False)
         masks[i, idx] = True
         subset = TensorDataset(*[t[torch.tensor(idx)] for t in train.tensors])
         model = fit(subset, 1000 + i)
@@ -97,11 +97,13 @@ class LDSSetup:
     losses: np.ndarray
 
     @classmethod
-    def load(cls, name: str, retrains: int, cache: str) -> LDSSetup:
+    def load(cls, name: str, retrains: int, cache: str, fraction: float = 0.5) -> LDSSetup:
+        """`retrains` models retrained on random subsets of `fraction` of the training set (cached in `cache`)."""
         out = Path(cache)
         out.mkdir(parents=True, exist_ok=True)
         train, query, fit, query_losses, task = task_setup(name)
-        masks, losses = retrain_losses(train, fit, query_losses, retrains, out / f"{name}_retrains.npz")
+        stem = f"{name}_retrains" if fraction == 0.5 else f"{name}_retrains_f{fraction:g}"
+        masks, losses = retrain_losses(train, fit, query_losses, retrains, out / f"{stem}.npz", fraction)
         return cls(name, out, train, query, fit, task, masks, losses)
 
     def lds(self, scores: np.ndarray) -> float:

@@ -2,6 +2,7 @@
 
     python benchmarks/defaults_quality.py --task uci --retrains 60 --seeds 0 1
     python benchmarks/defaults_quality.py --task digits --retrains 40
+    python benchmarks/defaults_quality.py --task uci --retrains 60 --fraction 0.1
 
 `BIFArguments()` (sampler="auto": subspace_sgld on these MLPs) and `BIFArguments(sampler="rmsprop_sgld")` (the
 defaults before 0.6), 4 chains x 400 draws each, through the Analyzer on one thread; the same retrains on random
@@ -30,12 +31,13 @@ def main() -> None:
     parser.add_argument("--task", choices=["uci", "digits"], default="uci")
     parser.add_argument("--retrains", type=int, default=60)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--fraction", type=float, default=0.5, help="retrain fraction of the LDS subsets")
     parser.add_argument("--overrides", default="{}", help="JSON dict of BIFArguments fields for the new defaults")
     parser.add_argument("--skip-previous", action="store_true", help="only EK-FAC and the defaults")
     parser.add_argument("--cache", default="./benchmark_results")
     args = parser.parse_args()
     set_threads(1)
-    setup = LDSSetup.load(args.task, args.retrains, args.cache)
+    setup = LDSSetup.load(args.task, args.retrains, args.cache, args.fraction)
     model = prepare_model(setup.fit(setup.train, 0), setup.task)
     name = f"defaults_{args.task}"
     analyzer = Analyzer(name, model, setup.task, cpu=True, output_dir=str(setup.out), disable_tqdm=True)
