@@ -1,7 +1,8 @@
 """Reproduce README's "Defaults" table: LDS and agreement with EK-FAC for a grid of BIF settings.
 
     python benchmarks/defaults_grid.py --task uci --retrains 60
-    python benchmarks/defaults_grid.py --task digits --retrains 40 --grid '[{"step_size": 1e-4}]'
+    python benchmarks/defaults_grid.py --task digits --retrains 40 \
+        --grid '[{"sampler": "rmsprop_sgld", "step_size": 1e-4}]'
 
 LDS: train on K random halves of the training set, record the query losses, and correlate (Spearman per query,
 averaged) them with the prediction -masks @ scores.T (kronfluence's sign). Retrains are cached in --cache.

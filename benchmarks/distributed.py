@@ -52,7 +52,9 @@ def worker(opts: argparse.Namespace) -> None:
     if not device_cpu:
         model = model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
     analyzer = Analyzer("bench", model, task, cpu=device_cpu, output_dir=opts.out, disable_tqdm=True, strategy="bif")
-    analyzer.fit_all_factors("bif", train, bif_args=BIFArguments(checkpoint_interval=0), overwrite_output_dir=True)
+    analyzer.fit_all_factors(
+        "bif", train, bif_args=BIFArguments(sampler="rmsprop_sgld", checkpoint_interval=0), overwrite_output_dir=True
+    )
     start = time.perf_counter()
     analyzer.compute_pairwise_scores(
         "bif",

@@ -52,7 +52,7 @@ def run(n: int, q: int, draws: int) -> float:
     model, train, query = make(n, q)
     task = RegressionTask()
     prepared = prepare_model(model, task)
-    args = BIFArguments(num_draws=draws, checkpoint_interval=0)
+    args = BIFArguments(sampler="rmsprop_sgld", num_draws=draws, checkpoint_interval=0)  # as BENCHMARKS measured
     with tempfile.TemporaryDirectory() as tmp:
         analyzer = Analyzer("scaling", prepared, task, cpu=True, output_dir=tmp, disable_tqdm=True, strategy="bif")
         analyzer.fit_all_factors("bif", train, bif_args=args)

@@ -57,7 +57,13 @@ def per_draw_ms(case: str, threads: Optional[int]) -> Tuple[float, str]:
     model = prepare_model(model, task)
     analyzer = Analyzer("threads", model, task, cpu=True, output_dir="threads_bench", disable_tqdm=True, strategy="bif")
     args = BIFArguments(
-        num_chains=1, num_draws=DRAWS, num_burnin_steps=BURNIN, checkpoint_interval=0, num_threads=threads, **bif_kw
+        sampler="rmsprop_sgld",
+        num_chains=1,
+        num_draws=DRAWS,
+        num_burnin_steps=BURNIN,
+        checkpoint_interval=0,
+        num_threads=threads,
+        **bif_kw,
     )
     analyzer.fit_all_factors("f", train, bif_args=args, overwrite_output_dir=True)
     choices = []

@@ -1,7 +1,8 @@
 """EK-FAC vs identity vs BIF on the scikit-learn digits MLP classifier, judged by LDS against 100 retrains.
 
     python examples/digits/run.py                # about a minute on one CPU thread; ./influence_results/digits
-    python examples/digits/run.py --bif-args '{"step_size": 1e-4}' --output-dir runs/digits_tuned
+    python examples/digits/run.py --bif-args '{"sampler": "rmsprop_sgld", "step_size": 1e-4}' \
+        --output-dir runs/digits_tuned
 
 The work is done by `kronfluence_bif.demo.ab` (also `python -m kronfluence_bif.demo.ab --task digits`).
 """

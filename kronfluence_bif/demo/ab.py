@@ -1,7 +1,7 @@
 """A/B of EK-FAC, identity (gradient similarity) and BIF on a shipped problem, judged by LDS against retraining.
 
     python -m kronfluence_bif.demo.ab --task uci_concrete            # or: python examples/uci_concrete/run.py
-    python -m kronfluence_bif.demo.ab --task digits --bif-args '{"step_size": 1e-4}'
+    python -m kronfluence_bif.demo.ab --task digits --bif-args '{"sampler": "rmsprop_sgld", "step_size": 1e-4}'
 
 One `kronfluence_bif.Analyzer` fits and scores the three methods side by side (the factors name binds the
 strategy). The same training recipe is then rerun, with other seeds, on random halves of the training set
