@@ -40,7 +40,9 @@ class CheckpointStore:
 
     def save(self, chain: int, tensors: Dict[str, torch.Tensor], meta: Dict[str, Any]) -> None:
         header = {"fingerprint": self.fingerprint, "format": str(FORMAT_VERSION), "meta": json.dumps(meta)}
-        storage.save_tensors(self.path(chain), tensors, header)
+        # no fsync: the rename already keeps a killed run's checkpoints whole, and one a power loss leaves
+        # unreadable only restarts its chain (`load`); the final scores are written durably
+        storage.save_tensors(self.path(chain), tensors, header, durable=False)
         logger.debug("Checkpoint of chain %d at draw %s: `%s`.", chain, meta.get("draws_done"), self.path(chain))
 
     def load(self, chain: int) -> Optional[Tuple[Dict[str, torch.Tensor], Dict[str, Any]]]:

@@ -111,14 +111,18 @@ def load_json(path: Path) -> Any:
         return json.load(f)
 
 
-def save_tensors(path: Path, tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None) -> None:
-    """safetensors file written under a temporary name and renamed, so a reader never sees half a file."""
+def save_tensors(
+    path: Path, tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None, durable: bool = True
+) -> None:
+    """safetensors file written under a temporary name and renamed, so a reader never sees half a file; `durable`
+    also fsyncs it before the rename (results: they survive a power loss, not only a killed process)."""
     fd, tmp = _atomic_path(path)
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        if durable:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
         _publish(tmp, path)
     except BaseException:
         _silent_unlink(tmp)
