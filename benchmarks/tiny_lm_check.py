@@ -4,7 +4,9 @@
         --bif-args '{"sampler": "sketch_sgld", "nbeta": 1e4, "localization": 100, "step_size": 1.0}'
 
 Runs `python -m kronfluence_bif.demo.tiny_lm` (its cached model in --output-dir/model is reused); with --subspace,
-`subspace_sampler.SubspaceSketchSGLD` and its Hessian Rayleigh-Ritz eigenvalues are patched in. Prints the chains'
+`subspace_sampler.SubspaceSketchSGLD` and its Hessian Rayleigh-Ritz eigenvalues are patched in. That patch targets the
+engine before the sampler refactor and no longer applies; the library's `sampler="subspace_sgld"` replaces it
+(`python -m kronfluence_bif.demo.tiny_lm --bif-args '{"sampler": "subspace_sgld", ...}'`). Prints the chains'
 R-hat, ESS fraction, loss at w* and over the draws, and the largest distance from w*, from bif_diagnostics.json.
 """
 
