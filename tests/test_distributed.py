@@ -160,6 +160,19 @@ def test_two_processes_equal_one_with_chains_in_lockstep(data_dir, reference, tm
         assert max_rel_diff(two, one) < 1e-12
 
 
+def test_two_processes_equal_one_with_the_defaults(data_dir, tmp_path):
+    """sampler="auto" (subspace-SGLD here): every process builds the same sketch, Ritz pairs and gradient at w*,
+    so 2 processes x 2 chains give the scores of 1 process x 4 chains (checkpoints at draw 16 included)."""
+    run(1, data_dir, tmp_path / "one", "--defaults", "--draws", "32", "--checkpoint-interval", "16")
+    run(2, data_dir, tmp_path / "two", "--defaults", "--draws", "32", "--checkpoint-interval", "16")
+    for kind in SCORE_DIRS:
+        one, two = scores(tmp_path / "one", kind), scores(tmp_path / "two", kind)
+        assert torch.isfinite(one).all() and one.abs().max() > 0
+        assert max_rel_diff(two, one) < 1e-5
+        report = json.loads((tmp_path / "two" / SCORE_DIRS[kind] / "bif_diagnostics.json").read_text())
+        assert report["sampler_arguments"]["sampler"] == "subspace_sgld"
+
+
 def test_two_processes_on_a_model_with_nothing_tracked(data_dir, reference, tmp_path):
     """torchrun on the same MLP from bare parameters (nothing to track, so no DDP wrapper): the same scores."""
     run(2, data_dir, tmp_path, "--untracked")

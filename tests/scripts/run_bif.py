@@ -103,6 +103,7 @@ def main() -> None:
     parser.add_argument("--untracked", action="store_true", help="the MLP from bare parameters (nothing tracked)")
     parser.add_argument("--fail-rank", type=int, default=-1, help="this rank raises in its 40th evaluation")
     parser.add_argument("--batch-chains", action="store_true", help="BIFArguments(batch_chains=True): lockstep")
+    parser.add_argument("--defaults", action="store_true", help="BIFArguments() but for chains, draws, checkpoints")
     opts = parser.parse_args()
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
@@ -138,6 +139,10 @@ def main() -> None:
         localization=100.0,
         batch_chains=True if opts.batch_chains else None,
     )
+    if opts.defaults:  # the package's defaults ("auto": subspace-SGLD on this MLP), fewer draws
+        bif_args = BIFArguments(
+            num_chains=opts.chains, num_draws=opts.draws, checkpoint_interval=opts.checkpoint_interval
+        )
     # kronfluence refuses cpu=True with a DDP-wrapped model; without CUDA its device is the CPU anyway
     analyzer = Analyzer("dist", model, task, cpu=not opts.ddp, output_dir=str(out), disable_tqdm=True, strategy="bif")
     try:
