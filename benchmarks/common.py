@@ -39,3 +39,8 @@ def write_json(path: str, payload: Any) -> None:
     """Write the summary when a path was given (`--json`)."""
     if path:
         Path(path).write_text(json.dumps(payload, indent=2))
+
+
+def print_row(row: Dict[str, Any]) -> None:
+    """One JSON line, floats rounded to 4 digits (the LDS scripts' output rows)."""
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)

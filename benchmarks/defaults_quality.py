@@ -15,15 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 
+from common import print_row
 from defaults_grid import LDSSetup, agreement
 from error_budget import chain_health
 
 from kronfluence_bif import Analyzer, BIFArguments, prepare_model
 from kronfluence_bif.threads import set_threads
-
-
-def _print(row: dict) -> None:
-    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
 
 
 def main() -> None:
@@ -42,7 +39,7 @@ def main() -> None:
     name = f"defaults_{args.task}"
     analyzer = Analyzer(name, model, setup.task, cpu=True, output_dir=str(setup.out), disable_tqdm=True)
     ekfac, seconds = setup.score(analyzer, "ekfac")
-    _print({"what": "EK-FAC", "lds": setup.lds(ekfac), "seconds": seconds})
+    print_row({"what": "EK-FAC", "lds": setup.lds(ekfac), "seconds": seconds})
     rows = [("defaults", {**json.loads(args.overrides)})]
     if not args.skip_previous:
         rows.append(("previous defaults (rmsprop_sgld)", {"sampler": "rmsprop_sgld"}))
@@ -52,7 +49,7 @@ def main() -> None:
             scores, seconds = setup.score(analyzer, "bif", "bif", bif)
             health = chain_health(setup.out / name / "scores_bif", bif.num_draws)
             row = {"what": f"{what} seed {seed}", "lds": setup.lds(scores), "spearman": agreement(ekfac, scores)[0]}
-            _print({**row, "seconds": seconds, **health})
+            print_row({**row, "seconds": seconds, **health})
 
 
 if __name__ == "__main__":

@@ -10,17 +10,13 @@ same retrains as `error_budget.py` / `subspace_sampler.py` (cached in --cache). 
 from __future__ import annotations
 
 import argparse
-import json
 
+from common import print_row
 from defaults_grid import LDSSetup, agreement
 from error_budget import chain_health
 
 from kronfluence_bif import Analyzer, BIFArguments, prepare_model
 from kronfluence_bif.threads import set_threads
-
-
-def _print(row: dict) -> None:
-    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
 
 
 def main() -> None:
@@ -40,10 +36,10 @@ def main() -> None:
     name = f"sublib_{args.task}"
     analyzer = Analyzer(name, model, setup.task, cpu=True, output_dir=str(setup.out), disable_tqdm=True)
     ekfac, seconds = setup.score(analyzer, "ekfac")
-    _print({"what": "EK-FAC", "lds": setup.lds(ekfac), "seconds": seconds})
+    print_row({"what": "EK-FAC", "lds": setup.lds(ekfac), "seconds": seconds})
     default, seconds = setup.score(analyzer, "default", "bif", BIFArguments(checkpoint_interval=0))
     rho = agreement(ekfac, default)[0]
-    _print({"what": "BIF defaults", "lds": setup.lds(default), "spearman": rho, "seconds": seconds})
+    print_row({"what": "BIF defaults", "lds": setup.lds(default), "spearman": rho, "seconds": seconds})
     nbeta, localization = args.setting
     for draws in args.draws:
         for step in args.steps:
@@ -63,7 +59,7 @@ def main() -> None:
                 health = chain_health(setup.out / name / "scores_sub", draws)
                 what = f"subspace_sgld 4x{draws} step {step:g} seed {seed}"
                 row = {"what": what, "lds": setup.lds(scores), "spearman": agreement(ekfac, scores)[0]}
-                _print({**row, "seconds": seconds, **health})
+                print_row({**row, "seconds": seconds, **health})
 
 
 if __name__ == "__main__":

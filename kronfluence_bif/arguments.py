@@ -198,6 +198,7 @@ class BIFArguments:
         subspace_sgld where its span basis fits in `AUTO_SPAN_BYTES` and its full-batch gradient costs at most
         about what every draw evaluates anyway (num_train <= AUTO_FULL_BATCH_RATIO x num_evaluated), with
         `sampler_batch_size` unset (a minibatch size set by the user means a minibatch sampler); else rmsprop_sgld.
+        Without the counts (0, 0) the full batch is taken as affordable.
         """
         if self.sampler != AUTO_SAMPLER:
             return self

@@ -127,7 +127,7 @@ def summarize(
 def _inflation(args: BIFArguments, product: float) -> str:
     """SGLD's stationary variance over the target's along a direction where step x curvature = `product`: a sampler
     whose noise is scaled by sqrt(1 - step/4) (exact where step x curvature = step) inflates it less."""
-    if getattr(sampler_class(args.sampler), "exact_linear_variance", False):
+    if sampler_class(args.sampler).exact_linear_variance:
         factor = (1.0 - float(args.step_size) / 4.0) / (1.0 - product / 4.0)
         return f"(1 - {float(args.step_size):.2g}/4) / (1 - {product:.2g}/4) = {factor:.2g}"
     return f"(1 - {product:.2g}/4)^-1"

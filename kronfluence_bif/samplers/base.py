@@ -133,6 +133,8 @@ class Sampler:
         "center_gradient": False,
     }
     buffer_rows: int = 1  # flat work rows of numel(params): the last one holds the noise
+    # noise scaled by sqrt(1 - eps/4), so a linear chain's variance is exact (the diagnostics' variance inflation)
+    exact_linear_variance: bool = False
 
     def __init__(
         self,

@@ -55,7 +55,7 @@ class SubspaceSGLD(SketchSGLD):
         "center_gradient": True,
     }
     buffer_rows = 2  # loss drift, w - w*; the noise is drawn on the span (k numbers, not p)
-    exact_linear_variance = True  # noise scaled by sqrt(1 - eps/4) (diagnostics: its variance inflation)
+    exact_linear_variance = True
 
     def __init__(
         self,
