@@ -17,7 +17,8 @@ from kronfluence_bif.demo import ab
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = ("uci_concrete", "digits")
-TINY_BIF = {"num_chains": 1, "num_draws": 20, "num_burnin_steps": 5}
+# the example's files and tables are under test here, not the sampler (test_agreement runs the defaults)
+TINY_BIF = {"num_chains": 1, "num_draws": 20, "num_burnin_steps": 5, "sampler": "rmsprop_sgld"}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
