@@ -82,11 +82,18 @@ class DatasetOnDevice:
         self.cache = cache
         self.stacked: Optional[Any] = None
         self._batches: Optional[List[Any]] = None
+        # the stacked batch flattened once: (leaves, spec, which leaves have the examples' dimension), so a
+        # minibatch is one index_select per leaf, not a pytree walk per step
+        self._flat: Optional[tuple] = None
         if cache:
             self._batches = [send_to_device(b, device) for b in make_loader(dataset, batch_size, loader_params)]
             self.stacked = stack_batches(self._batches)
             if self.stacked is not None:
                 self._batches = None  # the stacked tensors replace the per-batch copies
+                leaves, spec = tree_flatten(self.stacked)
+                n = len(dataset)
+                batched = [isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == n for x in leaves]
+                self._flat = (leaves, spec, batched)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -97,10 +104,18 @@ class DatasetOnDevice:
 
     def gather(self, indices: torch.Tensor) -> Any:
         """A batch of the given example indices."""
-        if self.stacked is not None:
-            return slice_batch(self.stacked, indices.to(self.device))
+        if self._flat is not None:
+            leaves, spec, batched = self._flat
+            index = indices.to(self.device)
+            return tree_unflatten([x.index_select(0, index) if b else x for x, b in zip(leaves, batched)], spec)
         collate = _PlainCollate(self.loader_params.get("collate_fn"))
         return send_to_device(collate([self.dataset[int(i)] for i in indices]), self.device)
+
+    def everything(self) -> Any:
+        """Every example as one batch, in order (the stacked tensors themselves when cached)."""
+        if self.stacked is not None:
+            return self.stacked
+        return self.gather(torch.arange(len(self)))
 
 
 class EvalBatches:
@@ -162,6 +177,10 @@ class MinibatchStream:
         self._generator.set_state(state["generator"])
 
     def next(self) -> Any:
+        """The next minibatch; with the full batch, the whole training set in its order (the sum is the same in
+        any order, so no shuffle and no copy of cached data)."""
+        if self.batch_size == self.n:
+            return self.source.everything()
         if self._perm is None or self._pos + self.batch_size > self.n:
             self._perm = torch.randperm(self.n, generator=self._generator)
             self._pos = 0
