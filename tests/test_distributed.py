@@ -72,6 +72,16 @@ def run(nproc: int, data_dir: Path, out: Path, *extra: str) -> str:
     return proc.stdout + proc.stderr
 
 
+def run_layouts(nproc: int, data_dir: Path, out: Path, layouts: dict) -> Path:
+    """Several runs in one launch (`run_bif.py --next`), run `name` into `out / name`; returns `out`."""
+    extra = []
+    for i, (name, args) in enumerate(layouts.items()):
+        extra += (["--next", "--data", str(data_dir), "--out", str(out / name)] if i else []) + list(args)
+    first = next(iter(layouts))
+    run(nproc, data_dir, out / first, *extra)
+    return out
+
+
 def start(nproc: int, data_dir: Path, out: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
         _command(nproc, data_dir, out, *extra),
@@ -118,16 +128,31 @@ def max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).abs().max() / b.double().abs().max())
 
 
+# the runs of one launch: (layout name -> run_bif.py arguments); each launch costs every process an import of torch
+DEFAULTS = ("--defaults", "--draws", "16", "--checkpoint-interval", "8")  # the package's defaults, 4 chains x 16
+ONE_PROCESS = {"plain": (), "defaults": DEFAULTS, "two_chains": ("--chains", "2")}
+TWO_PROCESSES = {"plain": (), "untracked": ("--untracked",), "defaults": DEFAULTS}
+
+
 @pytest.fixture(scope="module")
-def reference(data_dir, tmp_path_factory):
-    """One process, 4 chains: the result every other layout must reproduce."""
-    out = tmp_path_factory.mktemp("ref")
-    run(1, data_dir, out)
-    return out
+def one_process(data_dir, tmp_path_factory):
+    """One process: 4 chains (`plain`, the result every other layout must reproduce), the defaults, 2 chains."""
+    return run_layouts(1, data_dir, tmp_path_factory.mktemp("one"), ONE_PROCESS)
 
 
-def test_two_processes_equal_one(data_dir, reference, tmp_path):
-    run(2, data_dir, tmp_path)
+@pytest.fixture(scope="module")
+def reference(one_process):
+    return one_process / "plain"
+
+
+@pytest.fixture(scope="module")
+def two_processes(data_dir, tmp_path_factory):
+    """torchrun with 2 processes: the same runs as `one_process`, and the MLP from bare parameters."""
+    return run_layouts(2, data_dir, tmp_path_factory.mktemp("two"), TWO_PROCESSES)
+
+
+def test_two_processes_equal_one(reference, two_processes):
+    tmp_path = two_processes / "plain"
     for kind in SCORE_DIRS:
         assert max_rel_diff(scores(tmp_path, kind), scores(reference, kind)) < 1e-5
         check_pinned(f"one_process/{kind}", scores(reference, kind))
@@ -160,33 +185,28 @@ def test_two_processes_equal_one_with_chains_in_lockstep(data_dir, reference, tm
         assert max_rel_diff(two, one) < 1e-12
 
 
-def test_two_processes_equal_one_with_the_defaults(data_dir, tmp_path):
+def test_two_processes_equal_one_with_the_defaults(one_process, two_processes):
     """sampler="auto" (subspace-SGLD here): every process builds the same sketch, Ritz pairs and gradient at w*,
     so 2 processes x 2 chains give the scores of 1 process x 4 chains (checkpoints at draw 8 included)."""
-    run(1, data_dir, tmp_path / "one", "--defaults", "--draws", "16", "--checkpoint-interval", "8")
-    run(2, data_dir, tmp_path / "two", "--defaults", "--draws", "16", "--checkpoint-interval", "8")
     for kind in SCORE_DIRS:
-        one, two = scores(tmp_path / "one", kind), scores(tmp_path / "two", kind)
+        one, two = scores(one_process / "defaults", kind), scores(two_processes / "defaults", kind)
         assert torch.isfinite(one).all() and one.abs().max() > 0
         assert max_rel_diff(two, one) < 1e-5
-        report = json.loads((tmp_path / "two" / SCORE_DIRS[kind] / "bif_diagnostics.json").read_text())
+        report = json.loads((two_processes / "defaults" / SCORE_DIRS[kind] / "bif_diagnostics.json").read_text())
         assert report["sampler_arguments"]["sampler"] == "subspace_sgld"
 
 
-def test_two_processes_on_a_model_with_nothing_tracked(data_dir, reference, tmp_path):
+def test_two_processes_on_a_model_with_nothing_tracked(reference, two_processes):
     """torchrun on the same MLP from bare parameters (nothing to track, so no DDP wrapper): the same scores."""
-    run(2, data_dir, tmp_path, "--untracked")
     for kind in SCORE_DIRS:
-        assert max_rel_diff(scores(tmp_path, kind), scores(reference, kind)) < 1e-5
+        assert max_rel_diff(scores(two_processes / "untracked", kind), scores(reference, kind)) < 1e-5
 
 
-def test_three_processes_two_chains_shard_evaluation(data_dir, tmp_path):
+def test_three_processes_two_chains_shard_evaluation(data_dir, one_process, tmp_path):
     """P > C: all three processes run both chains and split the evaluation; the DDP wrapper is unwrapped."""
-    reference = tmp_path / "ref"
-    run(1, data_dir, reference, "--chains", "2")
     run(3, data_dir, tmp_path / "three", "--chains", "2", "--ddp")
     for kind in SCORE_DIRS:
-        assert max_rel_diff(scores(tmp_path / "three", kind), scores(reference, kind)) < 1e-5
+        assert max_rel_diff(scores(tmp_path / "three", kind), scores(one_process / "two_chains", kind)) < 1e-5
 
 
 def test_one_failing_member_of_an_evaluation_group_stops_every_process(data_dir, tmp_path):
@@ -200,13 +220,11 @@ def test_one_failing_member_of_an_evaluation_group_stops_every_process(data_dir,
 
 
 @pytest.mark.slow
-def test_four_processes_two_chains_use_groups(data_dir, tmp_path):
+def test_four_processes_two_chains_use_groups(data_dir, one_process, tmp_path):
     """P=4, C=2: two groups of two processes, each group sharding the evaluation of its chain."""
-    reference = tmp_path / "ref"
-    run(1, data_dir, reference, "--chains", "2")
     run(4, data_dir, tmp_path / "four", "--chains", "2")
     for kind in SCORE_DIRS:
-        assert max_rel_diff(scores(tmp_path / "four", kind), scores(reference, kind)) < 1e-5
+        assert max_rel_diff(scores(tmp_path / "four", kind), scores(one_process / "two_chains", kind)) < 1e-5
 
 
 def test_killed_run_resumes_to_the_uninterrupted_scores(data_dir, reference, tmp_path):

@@ -1,7 +1,10 @@
-"""One BIF run (pairwise + self scores) for the multi-process and resume tests; launched by python or torchrun.
+"""BIF runs (pairwise + self scores) for the multi-process and resume tests; launched by python or torchrun.
 
     python tests/scripts/run_bif.py --data DIR --out DIR [--chains C] [--draws N] [--checkpoint-interval K]
-        [--slow SECONDS] [--hang-final-write MARKER] [--ddp] [--only pairwise]
+        [--slow SECONDS] [--hang-final-write MARKER] [--ddp] [--only pairwise] [--next --data DIR --out DIR ...]
+
+`--next` starts another run's arguments: the runs go one after another in the same processes (one launch, one
+import of torch per process, for several layouts' tests).
 
 Every process logs the files it writes to `<out>/writes_rank<r>.txt` so the tests can check that one
 process writes the results. `--slow` sleeps after each evaluation (to be killed mid-sampling);
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -48,24 +52,28 @@ class Untracked(nn.Module):
         return nn.functional.linear(torch.tanh(nn.functional.linear(x, w0, b0)), w2, b2)
 
 
+LOG = {"path": None, "hang": ""}  # this run's write log and hang marker (set per run by `instrument`)
+REAL_SAVES = (storage.save_file, storage.save_json)
+
+
+def _save_file(tensors, filename, metadata=None):
+    REAL_SAVES[0](tensors, filename, metadata=metadata)
+    with open(LOG["path"], "a") as f:
+        f.write(f"{filename}\n")
+    if LOG["hang"] and Path(filename).name.startswith(".pairwise_scores.safetensors."):
+        Path(LOG["hang"]).write_text(str(filename))
+        time.sleep(3600)
+
+
+def _save_json(obj, path):
+    REAL_SAVES[1](obj, path)
+    with open(LOG["path"], "a") as f:
+        f.write(f"{path}\n")
+
+
 def instrument(out: Path, rank: int, slow: float, hang_marker: str) -> None:
-    log = out / f"writes_rank{rank}.txt"
-    real_save_file, real_save_json = storage.save_file, storage.save_json
-
-    def save_file(tensors, filename, metadata=None):
-        real_save_file(tensors, filename, metadata=metadata)
-        with open(log, "a") as f:
-            f.write(f"{filename}\n")
-        if hang_marker and Path(filename).name.startswith(".pairwise_scores.safetensors."):
-            Path(hang_marker).write_text(str(filename))
-            time.sleep(3600)
-
-    def save_json(obj, path):
-        real_save_json(obj, path)
-        with open(log, "a") as f:
-            f.write(f"{path}\n")
-
-    storage.save_file, storage.save_json = save_file, save_json
+    LOG["path"], LOG["hang"] = out / f"writes_rank{rank}.txt", hang_marker
+    storage.save_file, storage.save_json = _save_file, _save_json
     if slow > 0:
         real_evaluate = Evaluator.evaluate
 
@@ -90,6 +98,20 @@ def inject_failure(after: int) -> None:
 
 
 def main() -> None:
+    argv, runs = sys.argv[1:], [[]]
+    for arg in argv:
+        if arg == "--next":
+            runs.append([])
+        else:
+            runs[-1].append(arg)
+    torch.set_num_threads(1)
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    logging.getLogger("kronfluence_bif").setLevel(logging.INFO)
+    for run_args in runs:
+        run(run_args)
+
+
+def run(argv: list) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", required=True)
     parser.add_argument("--out", required=True)
@@ -104,10 +126,7 @@ def main() -> None:
     parser.add_argument("--fail-rank", type=int, default=-1, help="this rank raises in its 40th evaluation")
     parser.add_argument("--batch-chains", action="store_true", help="BIFArguments(batch_chains=True): lockstep")
     parser.add_argument("--defaults", action="store_true", help="BIFArguments() but for chains, draws, checkpoints")
-    opts = parser.parse_args()
-    torch.set_num_threads(1)
-    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-    logging.getLogger("kronfluence_bif").setLevel(logging.INFO)
+    opts = parser.parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
