@@ -130,8 +130,8 @@ def max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # the runs of one launch: (layout name -> run_bif.py arguments); each launch costs every process an import of torch
 DEFAULTS = ("--defaults", "--draws", "16", "--checkpoint-interval", "8")  # the package's defaults, 4 chains x 16
-ONE_PROCESS = {"plain": (), "defaults": DEFAULTS, "two_chains": ("--chains", "2")}
-TWO_PROCESSES = {"plain": (), "untracked": ("--untracked",), "defaults": DEFAULTS}
+ONE_PROCESS = {"plain": (), "defaults": DEFAULTS, "two_chains": ("--chains", "2"), "calibration": ("--calibrate",)}
+TWO_PROCESSES = {"plain": (), "untracked": ("--untracked",), "defaults": DEFAULTS, "calibration": ("--calibrate",)}
 
 
 @pytest.fixture(scope="module")
@@ -259,15 +259,8 @@ def test_kill_during_final_write_leaves_no_result(data_dir, reference, tmp_path)
     assert not list(folder.glob("*.tmp")) and not list(folder.glob(".*.tmp"))
 
 
-def test_calibration_is_split_over_processes_with_the_same_table(data_dir, tmp_path):
+def test_calibration_is_split_over_processes_with_the_same_table(one_process, two_processes):
     """torchrun splits the calibration grid over the processes; every row equals the one-process run's."""
-    script = str(SCRIPT.parent / "run_calibrate.py")
-    results = {}
-    for nproc in (1, 2):
-        out = tmp_path / f"calibration{nproc}.json"
-        args = [script, "--data", str(data_dir), "--out", str(out)]
-        launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-        proc = subprocess.run([sys.executable, *launcher, *args], env=_env(), capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        results[nproc] = json.loads(out.read_text())
-    assert results[2] == results[1] and len(results[1]["rows"]) == 3
+    files = [out / "calibration" / "calibration.json" for out in (one_process, two_processes)]
+    results = [json.loads(f.read_text()) for f in files]
+    assert results[1] == results[0] and len(results[0]["rows"]) == 3

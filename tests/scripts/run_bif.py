@@ -3,7 +3,8 @@
     python tests/scripts/run_bif.py --data DIR --out DIR [--chains C] [--draws N] [--checkpoint-interval K]
         [--slow SECONDS] [--hang-final-write MARKER] [--ddp] [--only pairwise] [--next --data DIR --out DIR ...]
 
-`--next` starts another run's arguments: the runs go one after another in the same processes (one launch, one
+`--calibrate` runs `calibrate()` on a small grid instead and writes its table as JSON to `<out>/calibration.json`
+(rank 0). `--next` starts another run's arguments: the runs go one after another in the same processes (one launch, one
 import of torch per process, for several layouts' tests).
 
 Every process logs the files it writes to `<out>/writes_rank<r>.txt` so the tests can check that one
@@ -15,6 +16,7 @@ file is complete and before the rename.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -27,7 +29,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import kronfluence_bif.storage as storage
-from kronfluence_bif import Analyzer, BIFArguments, prepare_model
+from kronfluence_bif import Analyzer, BIFArguments, calibrate, prepare_model
 from kronfluence_bif.engine import Evaluator
 from kronfluence_bif.tasks import RegressionTask
 
@@ -126,7 +128,10 @@ def run(argv: list) -> None:
     parser.add_argument("--fail-rank", type=int, default=-1, help="this rank raises in its 40th evaluation")
     parser.add_argument("--batch-chains", action="store_true", help="BIFArguments(batch_chains=True): lockstep")
     parser.add_argument("--defaults", action="store_true", help="BIFArguments() but for chains, draws, checkpoints")
+    parser.add_argument("--calibrate", action="store_true", help="calibrate() on a 3-step grid, its table as JSON")
     opts = parser.parse_args(argv)
+    if opts.calibrate:
+        return calibration(Path(opts.data), Path(opts.out))
     rank = int(os.environ.get("RANK", "0"))
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -175,6 +180,28 @@ def run(argv: list) -> None:
             # this script started the group, so it closes it, as any DDP script must: gloo threads still alive at
             # interpreter exit abort the process ("terminate called without an active exception") now and then
             torch.distributed.destroy_process_group()
+
+
+def calibration(data_dir: Path, out: Path) -> None:
+    """Calibrate the MLP on a small grid; rank 0 writes the table rows and the recommended step."""
+    data = load_file(str(data_dir / "data.safetensors"))
+    task = RegressionTask()
+    model = prepare_model(build_model(load_file(str(data_dir / "model.safetensors"))), task)
+    base = BIFArguments(sampler="sgld", step_size=1e-3, nbeta=100.0, localization=100.0, num_burnin_steps=5)
+    result = calibrate(
+        model,
+        task,
+        TensorDataset(data["x_train"], data["y_train"]),
+        base_args=base,
+        step_sizes=[1e-4, 1e-3, 1e-2],
+        num_chains=2,
+        num_draws=20,
+        disable_tqdm=True,
+    )
+    if int(os.environ.get("RANK", "0")) == 0:
+        rows = storage.jsonable(result.rows)  # NaN (an undefined R-hat) as null, so the files compare equal
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "calibration.json").write_text(json.dumps({"rows": rows, "step": result.recommended.step_size}))
 
 
 if __name__ == "__main__":
