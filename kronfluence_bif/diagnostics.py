@@ -218,12 +218,15 @@ def preconditioned_sharpness(
     preconditioner: Union[None, Sequence[torch.Tensor], Callable[[List[torch.Tensor]], List[torch.Tensor]]],
     iterations: int = 20,
     generator: Optional[torch.Generator] = None,
+    tolerance: float = 1e-3,
 ) -> float:
     """Largest eigenvalue of G^1/2 (scale * Hessian of loss_fn + localization) G^1/2, by power iteration.
 
     `loss_fn()` returns the minibatch loss summed over examples; `scale` is nbeta / m. `preconditioner` is a
     diagonal G (list of tensors like `params`), a function v -> G^1/2 v (a full G), or None (G = 1). Hessian-vector
-    products come from double backward, so this costs about 3 x `iterations` forward passes of one minibatch.
+    products come from double backward, so this costs about 3 x `iterations` forward passes of one minibatch, or
+    fewer: the iteration stops once the estimate changes by at most `tolerance` of itself (0: all `iterations`),
+    precision enough for a value compared with thresholds such as 2.
     """
     params = list(params)
     with torch.enable_grad():
@@ -238,6 +241,7 @@ def preconditioned_sharpness(
     v = [torch.randn(p.shape, generator=generator, dtype=torch.float32).to(p) for p in params]
     value = 0.0
     for _ in range(iterations):
+        previous = value
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(v)))
         v = torch._foreach_div(v, norm)
         w = apply_root(v)  # G^1/2 v
@@ -247,6 +251,8 @@ def preconditioned_sharpness(
         av = apply_root(av)
         value = float(sum((a * b).sum() for a, b in zip(av, v)))
         v = [a.detach() for a in av]
+        if abs(value - previous) <= tolerance * abs(value):
+            break
     return value
 
 

@@ -6,8 +6,9 @@ per-query Spearman over 927 training rows is 0 with standard deviation 1/sqrt(92
 0.25 needs 2-3 shared rows of 10 in every query on average. Measured with the RMSprop-SGLD defaults of
 before issue 14: Spearman 0.096, top-10 overlap 0.44 (identity/gradient similarity: Spearman 0.12, and LDS 0.08
 against that BIF's 0.19 and EK-FAC's 0.29); the subspace-SGLD defaults agree more (Spearman 0.16-0.19 at 4 x 400
-draws; README "Defaults"), so the floors below, set from the RMSprop-SGLD runs, stay conservative. The Spearman over all 927 rows is low because both methods rank the
-bulk of near-zero influences differently; they agree on the rows that matter, the top of the ranking.
+draws; README "Defaults"), so the floors below, set from the RMSprop-SGLD runs, stay conservative. The Spearman
+over all 927 rows is low because both methods rank the bulk of near-zero influences differently; they agree on
+the rows that matter, the top of the ranking.
 
 The full check (4 x 400 draws) is `slow`; the default run checks the same claim on the same trained model with
 the same defaults but 4 x 100 draws, whose Monte Carlo noise lowers the agreement. Its floors come from 5 seeds
