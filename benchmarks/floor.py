@@ -2,6 +2,7 @@
 
     python benchmarks/floor.py                      # UCI demo MLP and a 3x1024 MLP (n=2048, q=128), 3 repeats
     python benchmarks/floor.py --cases uci --repeats 5 --threads 2 --json floor.json
+    python benchmarks/floor.py --cases mlp1024 --chains 4 --draws 50 --repeats 3    # issue 15's short run
 
 The floor does only what BIF cannot avoid, with the same arguments: the sampler's steps on minibatches of m
 examples (RMSprop-SGLD, the default, with its frozen diagonal preconditioner; or, with `--sampler sketch_sgld`, the
@@ -10,7 +11,7 @@ engine around it), and at every draw the per-example losses of the train and que
 mode with the same evaluation batch sizes, plus one float64 GEMM per block of draws into the cross-moment sums.
 The package run is `compute_pairwise_scores` through the
 Analyzer (checkpoints off, and with the default checkpoint interval). Prints medians over repeats and the
-ratio package / floor. Not a test.
+ratio package / floor, floor and package interleaved in each repeat. Not a test.
 """
 
 from __future__ import annotations
@@ -170,6 +171,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--json", default="")
     parser.add_argument("--sampler", default="rmsprop_sgld", choices=["rmsprop_sgld", "sketch_sgld"])
+    parser.add_argument("--chains", type=int, default=2)
+    parser.add_argument("--draws", type=int, default=200, help="per chain (issue 15's short run: 4 x 50)")
     opts = parser.parse_args()
     quiet(opts.threads, logging.WARNING, FutureWarning)
     machine = describe_machine(opts.threads)
@@ -178,9 +181,13 @@ def main() -> None:
         train, query, model = make_case(case)
         eval_bs, query_bs = 512, 128
         for label, interval in (("no checkpoints", 0), ("checkpoints every 100 draws", 100)):
-            args = BIFArguments(sampler=opts.sampler, num_chains=2, num_draws=200, checkpoint_interval=interval)
-            floors = [floor_run(model, train, query, args, eval_bs, query_bs) for _ in range(opts.repeats)]
-            runs = [package_run(model, train, query, args, eval_bs, query_bs) for _ in range(opts.repeats)]
+            args = BIFArguments(
+                sampler=opts.sampler, num_chains=opts.chains, num_draws=opts.draws, checkpoint_interval=interval
+            )
+            floors, runs = [], []
+            for _ in range(opts.repeats):  # interleaved: a load change hits both
+                floors.append(floor_run(model, train, query, args, eval_bs, query_bs))
+                runs.append(package_run(model, train, query, args, eval_bs, query_bs))
             row = {
                 "case": case,
                 "setting": label,
