@@ -9,7 +9,7 @@ from accelerate.utils import send_to_device
 from torch.utils import data
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from kronfluence_bif.loss_views import slice_batch
+from kronfluence_bif.loss_views import is_batched, slice_batch
 
 
 def plain(batch: Any) -> Any:
@@ -51,7 +51,7 @@ def stack_batches(batches: List[Any]) -> Optional[Any]:
     sizes = [_leading(b) for b in batches]
     out = []
     for leaves in zip(*[f[0] for f in flat]):
-        if all(isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == n for x, n in zip(leaves, sizes)):
+        if all(is_batched(x, n) for x, n in zip(leaves, sizes)):
             if any(x.shape[1:] != leaves[0].shape[1:] or x.dtype != leaves[0].dtype for x in leaves):
                 return None
             out.append(torch.cat(leaves, 0))
@@ -91,9 +91,7 @@ class DatasetOnDevice:
             if self.stacked is not None:
                 self._batches = None  # the stacked tensors replace the per-batch copies
                 leaves, spec = tree_flatten(self.stacked)
-                n = len(dataset)
-                batched = [isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == n for x in leaves]
-                self._flat = (leaves, spec, batched)
+                self._flat = (leaves, spec, [is_batched(x, len(dataset)) for x in leaves])
 
     def __len__(self) -> int:
         return len(self.dataset)

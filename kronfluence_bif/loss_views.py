@@ -28,11 +28,12 @@ def slice_batch(batch: Any, index: torch.Tensor | slice) -> Any:
     """Select examples from every tensor leaf whose leading dimension is the batch size."""
     size = batch_size(batch)
     leaves, spec = tree_flatten(batch)
-    out = [leaf[index] if _is_batched(leaf, size) else leaf for leaf in leaves]
+    out = [leaf[index] if is_batched(leaf, size) else leaf for leaf in leaves]
     return tree_unflatten(out, spec)
 
 
-def _is_batched(leaf: Any, size: int) -> bool:
+def is_batched(leaf: Any, size: int) -> bool:
+    """A tensor leaf whose leading dimension is the batch's `size` examples."""
     return isinstance(leaf, torch.Tensor) and leaf.dim() > 0 and leaf.shape[0] == size
 
 
@@ -104,7 +105,7 @@ class PerExampleView:
     def _vmap(self, batch: Any, model: nn.Module) -> torch.Tensor:
         size = batch_size(batch)
         leaves, spec = tree_flatten(batch)
-        dims = tuple(0 if _is_batched(leaf, size) else None for leaf in leaves)
+        dims = tuple(0 if is_batched(leaf, size) else None for leaf in leaves)
 
         def single(*items: Any) -> torch.Tensor:
             example = [item.unsqueeze(0) if dim == 0 else item for item, dim in zip(items, dims)]

@@ -128,9 +128,14 @@ def pin_environment() -> str:
     return f"torch {torch.__version__.split('+')[0]} / {platform.machine()} / {torch.backends.cpu.get_cpu_capability()}"
 
 
+def _recorded_here(path: Path) -> bool:
+    """Whether the pin file `path` exists and was recorded in this environment."""
+    return path.exists() and safe_open(str(path), "pt").metadata().get("environment") == pin_environment()
+
+
 def _pin_file() -> Path:
     """The pins of this environment's CPU code path: the original file where they were recorded, else its own."""
-    if PINS.exists() and safe_open(str(PINS), "pt").metadata().get("environment") == pin_environment():
+    if _recorded_here(PINS):
         return PINS
     return Path(str(PINS_ELSEWHERE).format(capability=torch.backends.cpu.get_cpu_capability()))
 
@@ -150,7 +155,7 @@ def check_pinned(key: str, value: torch.Tensor) -> None:
         stored[key] = value.clone()
         save_file(stored, str(own), metadata={"environment": pin_environment()})
         return
-    exact = own.exists() and safe_open(str(own), "pt").metadata().get("environment") == pin_environment()
+    exact = _recorded_here(own)
     stored = load_file(str(own if exact else PINS))
     assert key in stored, f"no pinned value for {key!r}: record with KBIF_RECORD_PINS=1"
     expected = stored[key]

@@ -136,7 +136,8 @@ TWO_PROCESSES = {"plain": (), "untracked": ("--untracked",), "defaults": DEFAULT
 
 @pytest.fixture(scope="module")
 def one_process(data_dir, tmp_path_factory):
-    """One process: 4 chains (`plain`, the result every other layout must reproduce), the defaults, 2 chains."""
+    """One process: 4 chains (`plain`, the result every other layout must reproduce), the defaults, 2 chains, and
+    the calibration grid."""
     return run_layouts(1, data_dir, tmp_path_factory.mktemp("one"), ONE_PROCESS)
 
 
@@ -147,7 +148,7 @@ def reference(one_process):
 
 @pytest.fixture(scope="module")
 def two_processes(data_dir, tmp_path_factory):
-    """torchrun with 2 processes: the same runs as `one_process`, and the MLP from bare parameters."""
+    """torchrun with 2 processes: `one_process`'s runs but for 2 chains, and the MLP from bare parameters."""
     return run_layouts(2, data_dir, tmp_path_factory.mktemp("two"), TWO_PROCESSES)
 
 
