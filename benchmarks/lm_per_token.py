@@ -18,6 +18,7 @@ Methods, interleaved within each repeat (medians over repeats):
 - BIF: the package, `fit_all_factors` + `compute_pairwise_scores(ScoreArguments(compute_per_token_scores=True))`:
   the per-token scores [q, n, T] and the token-by-token matrix [q, T, n, T] from one sampling phase.
   4 chains x 50 draws, minibatch 16, plain SGLD, step 1e-4, nbeta 100, localization 1e3, no burn-in (`--burnin`).
+- with `--compile`, BIF again with `BIFArguments(compile_evaluation=True)` (its compilation included).
 - EK-FAC (kronfluence 1.0.1, its own Analyzer): `fit_all_factors` once per repeat, then per-token scores of
   the 8 queries [8, n, T], and token-by-token as kronfluence can: 504 single-token query items (one per labelled
   query token, 8 x 63) [504, n, T]. Each EK-FAC total includes the fit.
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -204,6 +206,11 @@ def one_repeat(case: Dict, args: BIFArguments, opts, device: torch.device) -> Di
     row: Dict[str, Any] = {"floor": sgld_floor(case["floor"], args, device)}
     cpu = device.type == "cpu"
     row["bif"] = package_run(case["model"], case["task"], case["train"], case["query"], args, n, q, True, cpu)
+    if opts.compile:
+        compiled = dataclasses.replace(args, compile_evaluation=True)
+        row["bif_compiled"] = package_run(
+            case["model"], case["task"], case["train"], case["query"], compiled, n, q, True, cpu
+        )
     if not opts.skip_ekfac:
         with tempfile.TemporaryDirectory() as tmp:
             row.update(time_ekfac(case, tmp, opts.ekfac_query_batch))
@@ -214,6 +221,8 @@ def table(rows: List[Dict[str, Any]], load: str) -> str:
     """Markdown: median, range and ratio to the floor of each method (EK-FAC totals include its fit)."""
     entries = [("plain-torch floor (SGLD steps + per-token evaluation + GEMMs)", ["floor"])]
     entries.append(("BIF (package): per-token + token-by-token, one sampling phase", ["bif"]))
+    if "bif_compiled" in rows[0]:
+        entries.append(("BIF, compile_evaluation=True (compilation included)", ["bif_compiled"]))
     if "fit" in rows[0]:
         entries += [
             ("EK-FAC fit_all_factors alone", ["fit"]),
@@ -249,6 +258,7 @@ def main(argv: List[str] | None = None) -> List[Dict[str, Any]]:
     parser.add_argument("--train-steps", type=int, default=150)
     parser.add_argument("--ekfac-query-batch", type=int, default=504)
     parser.add_argument("--skip-ekfac", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="also BIF with compile_evaluation=True")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (n 8, q 2, T 16, 2 x 3 draws), seconds")
     parser.add_argument("--json", default="")
     opts = parser.parse_args(argv)

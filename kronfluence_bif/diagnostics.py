@@ -29,6 +29,7 @@ import torch
 from kronfluence_bif import storage
 from kronfluence_bif.arguments import BIFArguments
 from kronfluence_bif.samplers import sampler_class
+from kronfluence_bif.samplers.base import global_norm
 from kronfluence_bif.tables import format_value, text_table
 
 TRAINING_DROP = 0.05  # mean loss below (1 - 5%) of its start
@@ -220,13 +221,18 @@ def preconditioned_sharpness(
     generator: Optional[torch.Generator] = None,
     tolerance: float = 1e-3,
 ) -> float:
-    """Largest eigenvalue of G^1/2 (scale * Hessian of loss_fn + localization) G^1/2, by power iteration.
+    """Largest eigenvalue of A = G^1/2 (scale * Hessian of loss_fn + localization) G^1/2, by Lanczos.
 
     `loss_fn()` returns the minibatch loss summed over examples; `scale` is nbeta / m. `preconditioner` is a
-    diagonal G (list of tensors like `params`), a function v -> G^1/2 v (a full G), or None (G = 1). Hessian-vector
-    products come from double backward, so this costs about 3 x `iterations` forward passes of one minibatch, or
-    fewer: the iteration stops once the estimate changes by at most `tolerance` of itself (0: all `iterations`),
-    precision enough for a value compared with thresholds such as 2.
+    diagonal G (list of tensors like `params`), a function v -> G^1/2 v (a full G), or None (G = 1). Each Lanczos
+    step is one Hessian-vector product (double backward, about 3 forward passes of one minibatch); at most
+    `iterations` steps, fewer once the top Ritz value's residual |A y - theta y| bounds its error by `tolerance` of
+    itself (0: all `iterations`). The result is a Ritz value, so it is never above lambda_max.
+
+    Lanczos, not power iteration: the localization shifts every eigenvalue by about `localization` times G, which
+    leaves the Krylov space, and so Lanczos, unchanged, while power iteration converges at the ratio
+    (gamma + s lambda_2) / (gamma + s lambda_1), near 1 when the shift dominates: on the demo UCI MLP (plain SGLD,
+    nbeta 100, localization 1e3) 20 power iterations gave 2373 and a stop on a 1e-3 change gave 1001.
     """
     params = list(params)
     with torch.enable_grad():
@@ -238,22 +244,54 @@ def preconditioned_sharpness(
     else:
         root = [g.sqrt() for g in preconditioner]
         apply_root = lambda v: torch._foreach_mul(v, root)  # noqa: E731
-    v = [torch.randn(p.shape, generator=generator, dtype=torch.float32).to(p) for p in params]
-    value = 0.0
-    for _ in range(iterations):
-        previous = value
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(v)))
-        v = torch._foreach_div(v, norm)
+
+    def apply(v: List[torch.Tensor]) -> List[torch.Tensor]:
         w = apply_root(v)  # G^1/2 v
         hv = torch.autograd.grad(grads, params, grad_outputs=w, retain_graph=True)
         av = torch._foreach_mul(list(hv), scale)
         torch._foreach_add_(av, w, alpha=localization)
-        av = apply_root(av)
-        value = float(sum((a * b).sum() for a, b in zip(av, v)))
-        v = [a.detach() for a in av]
-        if abs(value - previous) <= tolerance * abs(value):
-            break
+        return [a.detach() for a in apply_root(av)]
+
+    start = [torch.randn(p.shape, generator=generator, dtype=torch.float32).to(p) for p in params]
+    return _lanczos_top(apply, start, iterations, tolerance)
+
+
+def _lanczos_top(
+    apply: Callable[[List[torch.Tensor]], List[torch.Tensor]], start: List[torch.Tensor], steps: int, tolerance: float
+) -> float:
+    """The top Ritz value of the symmetric operator `apply` after at most `steps` Lanczos steps from `start`
+    (no reorthogonalization: the extreme Ritz value converges first and is unaffected by ghost copies); stops once
+    the top pair's residual is at most `tolerance` of its value."""
+    q = torch._foreach_div(start, global_norm(start))
+    previous: Optional[List[torch.Tensor]] = None
+    alphas: List[float] = []
+    betas: List[float] = []
+    value = 0.0
+    for _ in range(steps):
+        w = apply(q)
+        alpha = float(sum((a * b).sum() for a, b in zip(w, q)))
+        torch._foreach_add_(w, q, alpha=-alpha)
+        if previous is not None:
+            torch._foreach_add_(w, previous, alpha=-betas[-1])
+        beta = float(global_norm(w))
+        alphas.append(alpha)
+        values, vectors = torch.linalg.eigh(_tridiagonal(alphas, betas))
+        value = float(values[-1])
+        residual = beta * abs(float(vectors[-1, -1]))  # |A y - theta y| of the top Ritz pair
+        if residual <= tolerance * abs(value) or beta <= 1e-12 * max(abs(value), 1e-30):
+            break  # converged, or the Krylov space is invariant (exact)
+        betas.append(beta)
+        previous, q = q, torch._foreach_div(w, beta)
     return value
+
+
+def _tridiagonal(alphas: List[float], betas: List[float]) -> torch.Tensor:
+    """The Lanczos matrix T: `alphas` on the diagonal, `betas` beside it (float64)."""
+    t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+    if betas:
+        off = torch.tensor(betas[: len(alphas) - 1], dtype=torch.float64)
+        t += torch.diag(off, 1) + torch.diag(off, -1)
+    return t
 
 
 # ---------------------------------------------------------------------------------------------- plot

@@ -30,6 +30,7 @@ from kronfluence_bif.engine.evaluation import Evaluator, Side, monitor_rows
 from kronfluence_bif.engine.guards import DivergenceGuard, probe_sharpness
 from kronfluence_bif.engine.lockstep import run_chains
 from kronfluence_bif.engine.seeds import chain_seed
+from kronfluence_bif.heap import frozen_heap
 from kronfluence_bif.logs import logger
 from kronfluence_bif.loss_views import LossViews
 from kronfluence_bif.moments import CrossMoments, all_reduce_moments_, place_owned
@@ -90,7 +91,9 @@ class SamplingEngine:
         monitor_index, monitor_side = self._monitor(
             scored, monitor if monitor is not None else monitor_rows(scored, args.seed)
         )
-        self.evaluator = Evaluator(model, x, y, monitor_index, monitor_side, amp_dtype, self.device)
+        self.evaluator = Evaluator(
+            model, x, y, monitor_index, monitor_side, amp_dtype, self.device, compile_views=args.compile_evaluation
+        )
         sharpness = partial(probe_sharpness, model, views, weights, stream, args)
         self.context = SamplerContext(model, views, weights, stream, self.device, chain_seed(args.seed, 0), sharpness)
 
@@ -109,7 +112,8 @@ class SamplingEngine:
     def run(self) -> SamplingResult:
         """This process's chains, then the pooled moments, traces and summaries of all processes.
 
-        Runs with the thread count of `kronfluence_bif.threads.choose_threads`; the caller's is restored after.
+        Runs with the thread count of `kronfluence_bif.threads.choose_threads` (the caller's is restored after) and
+        with the heap alive at the start left out of the garbage collector's scans (`kronfluence_bif.heap`).
         """
         self.weights.reset()
         choice = choose_threads(
@@ -118,7 +122,7 @@ class SamplingEngine:
             lambda: self.views.summed_train_loss(self.x.batches.first(), self.model),
         )
         logger.info("Sampling with %d CPU thread(s): %s.", choice.threads, choice.reason)
-        with using_threads(choice.threads), untracked_forwards(self.model):
+        with using_threads(choice.threads), untracked_forwards(self.model), frozen_heap():
             return self._run()
 
     def _run(self) -> SamplingResult:

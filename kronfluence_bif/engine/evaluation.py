@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from kronfluence_bif.compiled import maybe_compiled
 from kronfluence_bif.data import EvalBatches
 from kronfluence_bif.distributed import WorkPlan, split_evenly
 from kronfluence_bif.engine.seeds import chain_seed
@@ -110,6 +111,7 @@ class Evaluator:
         monitor: Optional[Side],
         amp_dtype: Optional[torch.dtype],
         device: torch.device,
+        compile_views: bool = False,
     ) -> None:
         self.model = model
         self.x, self.y = x, y  # y None: self-influence Var(x), y = x
@@ -117,6 +119,10 @@ class Evaluator:
         self.monitor = monitor
         self.amp_dtype = amp_dtype
         self.device = device
+        # what `evaluate` calls per side (and for the monitor rows): the views, compiled when asked
+        labels = ["train", "query"]
+        self._views = [maybe_compiled(side.view, label, compile_views) for side, label in zip(self.sides, labels)]
+        self._monitor_view = None if monitor is None else maybe_compiled(monitor.view, "monitor", compile_views)
 
     @property
     def sides(self) -> List[Side]:
@@ -136,12 +142,12 @@ class Evaluator:
                 for b, batch in enumerate(side.batches):
                     size = min(side.batches.batch_size, side.size - b * side.batches.batch_size) * side.width
                     if mine is None or (s, b) in mine:
-                        values = side.view(batch, self.model)
+                        values = self._views[s](batch, self.model)
                         row[offset : offset + size] = values.reshape(-1)
                     offset += size
             if self.monitor is not None:
                 for batch in self.monitor.batches:
-                    values = self.monitor.view(batch, self.model).reshape(-1)
+                    values = self._monitor_view(batch, self.model).reshape(-1)
                     row[offset : offset + values.numel()] = values
                     offset += values.numel()
 
