@@ -59,8 +59,11 @@ class CompiledView:
 
 def _reason(exc: BaseException) -> str:
     """The root cause of a compiler error, `Type: first line` (dynamo wraps a backend's own exception)."""
-    while (getattr(exc, "inner_exception", None) or exc.__cause__) is not None:
-        exc = getattr(exc, "inner_exception", None) or exc.__cause__
+    for _ in range(10):  # a bounded walk: a cause chain can be cyclic
+        inner = getattr(exc, "inner_exception", None) or exc.__cause__
+        if inner is None:
+            break
+        exc = inner
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text.splitlines()[0][:300]}" if text else type(exc).__name__
 

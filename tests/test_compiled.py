@@ -20,7 +20,7 @@ from test_lockstep import close
 from test_per_token import ARGS as TOKEN_ARGS
 from test_per_token import Bigram, TokenData, TokenTask
 
-from kronfluence_bif import Analyzer, BIFArguments, RegressionTask, ScoreArguments, compiled, prepare_model
+from kronfluence_bif import Analyzer, BIFArguments, RegressionTask, ScoreArguments, compiled, logs, prepare_model
 
 
 @pytest.fixture()
@@ -95,6 +95,7 @@ def test_a_failing_compiler_falls_back_to_eager_with_one_warning(
 
     torch._dynamo.reset()
     monkeypatch.setattr(compiled, "COMPILE_BACKEND", broken)
+    monkeypatch.setattr(logs, "_warned", set())  # each view warns once per process: this test must see it
     task = RegressionTask()
     model = prepare_model(trained_mlp, task)
     eager = _scores(tmp_path / "eager", model, task, small_data, False)
