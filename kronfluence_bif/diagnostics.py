@@ -271,7 +271,7 @@ def _lanczos_top(
         w = apply(q)
         alpha = float(sum((a * b).sum() for a, b in zip(w, q)))
         torch._foreach_add_(w, q, alpha=-alpha)
-        if previous is not None:
+        if betas:  # from the second step: the three-term recurrence
             torch._foreach_add_(w, previous, alpha=-betas[-1])
         beta = float(global_norm(w))
         alphas.append(alpha)
@@ -289,7 +289,7 @@ def _tridiagonal(alphas: List[float], betas: List[float]) -> torch.Tensor:
     """The Lanczos matrix T: `alphas` on the diagonal, `betas` beside it (float64)."""
     t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
     if betas:
-        off = torch.tensor(betas[: len(alphas) - 1], dtype=torch.float64)
+        off = torch.tensor(betas, dtype=torch.float64)  # one fewer than alphas
         t += torch.diag(off, 1) + torch.diag(off, -1)
     return t
 
