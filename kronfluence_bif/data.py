@@ -62,6 +62,19 @@ def stack_batches(batches: List[Any]) -> Optional[Any]:
     return tree_unflatten(out, spec)
 
 
+def _stacked_tensors(dataset: data.Dataset, loader_params: Dict[str, Any], device: torch.device) -> Optional[list]:
+    """A `TensorDataset` under torch's default collate, collated in one go: a contiguous copy of each of its tensors
+    on `device`, the list the DataLoader's batches concatenate to (bitwise), without collating n examples one by
+    one in Python (4 ms for the 927 UCI examples, linear in n). None for any other dataset or a custom collate."""
+    if type(dataset) is not data.TensorDataset or loader_params.get("collate_fn") is not None:
+        return None
+    out = []
+    for tensor in dataset.tensors:
+        moved = tensor.detach().to(device).contiguous()
+        out.append(moved.clone() if moved.data_ptr() == tensor.data_ptr() else moved)  # never the user's memory
+    return out
+
+
 def _leading(batch: Any) -> int:
     for leaf in tree_flatten(batch)[0]:
         if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
@@ -86,8 +99,10 @@ class DatasetOnDevice:
         # minibatch is one index_select per leaf, not a pytree walk per step
         self._flat: Optional[tuple] = None
         if cache:
-            self._batches = [send_to_device(b, device) for b in make_loader(dataset, batch_size, loader_params)]
-            self.stacked = stack_batches(self._batches)
+            self.stacked = _stacked_tensors(dataset, loader_params, device)
+            if self.stacked is None:
+                self._batches = [send_to_device(b, device) for b in make_loader(dataset, batch_size, loader_params)]
+                self.stacked = stack_batches(self._batches)
             if self.stacked is not None:
                 self._batches = None  # the stacked tensors replace the per-batch copies
                 leaves, spec = tree_flatten(self.stacked)

@@ -100,6 +100,7 @@ class SampledWeights:
             self.anchors = [s if s.dtype == torch.float32 else s.float() for s in self.snapshot]
             self.masters = [p.data if p.dtype == torch.float32 else p.detach().float() for p in self.params]
         self._separate = [m.data_ptr() != p.data_ptr() for m, p in zip(self.masters, self.params)]
+        self._pairs = [(m, p) for m, p, s in zip(self.masters, self.params, self._separate) if s]
         self.model.eval()
         for p in self.params:
             p.requires_grad_(True)
@@ -111,11 +112,13 @@ class SampledWeights:
         torch._foreach_copy_(self.masters, self.anchors)
         self.sync()
 
-    @torch.no_grad()
     def sync(self) -> None:
-        """Copy separate fp32 masters into the (low-precision) model parameters."""
-        for master, param, separate in zip(self.masters, self.params, self._separate):
-            if separate:
+        """Copy separate fp32 masters into the (low-precision) model parameters (called after every step: with
+        fp32 weights it returns at once)."""
+        if not self._pairs:
+            return
+        with torch.no_grad():
+            for master, param in self._pairs:
                 param.copy_(master)
 
     @torch.no_grad()

@@ -23,8 +23,11 @@ class RegressionTask(BIFTask):
     def _per_example(self, batch: Any, model: nn.Module) -> torch.Tensor:
         inputs, targets = batch[0], batch[1]
         outputs = model(inputs)
-        diff = outputs.reshape(outputs.shape[0], -1) - targets.reshape(targets.shape[0], -1).to(outputs.dtype)
-        return diff.pow(2).sum(1)
+        if targets.dtype != outputs.dtype:
+            targets = targets.to(outputs.dtype)
+        if outputs.dim() != 2 or outputs.shape != targets.shape:  # the same values; [B, k] needs no views
+            outputs, targets = outputs.reshape(outputs.shape[0], -1), targets.reshape(targets.shape[0], -1)
+        return (outputs - targets).pow(2).sum(1)
 
     def compute_train_loss(self, batch: Any, model: nn.Module, sample: bool = False) -> torch.Tensor:
         if not sample:
