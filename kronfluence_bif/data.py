@@ -7,7 +7,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 import torch
 from accelerate.utils import send_to_device
 from torch.utils import data
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
 from kronfluence_bif.loss_views import is_batched, slice_batch
 
@@ -75,6 +75,14 @@ def _stacked_tensors(dataset: data.Dataset, loader_params: Dict[str, Any], devic
     return out
 
 
+def _rebuilder(spec: TreeSpec) -> Callable[[List[Any]], Any]:
+    """leaves -> the batch of structure `spec`: `list` or `tuple` itself for a flat list or tuple of leaves (every
+    minibatch is rebuilt, and the pytree walk costs a few microseconds a step), else `tree_unflatten`."""
+    if spec.type in (list, tuple) and spec == tree_flatten(spec.type(range(spec.num_leaves)))[1]:
+        return spec.type
+    return lambda leaves: tree_unflatten(leaves, spec)
+
+
 def _leading(batch: Any) -> int:
     for leaf in tree_flatten(batch)[0]:
         if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
@@ -106,7 +114,7 @@ class DatasetOnDevice:
             if self.stacked is not None:
                 self._batches = None  # the stacked tensors replace the per-batch copies
                 leaves, spec = tree_flatten(self.stacked)
-                self._flat = (leaves, spec, [is_batched(x, len(dataset)) for x in leaves])
+                self._flat = (leaves, _rebuilder(spec), [is_batched(x, len(dataset)) for x in leaves])
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -118,9 +126,9 @@ class DatasetOnDevice:
     def gather(self, indices: torch.Tensor) -> Any:
         """A batch of the given example indices."""
         if self._flat is not None:
-            leaves, spec, batched = self._flat
+            leaves, rebuild, batched = self._flat
             index = indices.to(self.device)
-            return tree_unflatten([x.index_select(0, index) if b else x for x, b in zip(leaves, batched)], spec)
+            return rebuild([x.index_select(0, index) if b else x for x, b in zip(leaves, batched)])
         collate = _PlainCollate(self.loader_params.get("collate_fn"))
         return send_to_device(collate([self.dataset[int(i)] for i in indices]), self.device)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -77,6 +77,7 @@ class Chain:
         self.chain = chain
         self.args = engine.args
         self.traced = traced_draws(engine.args)
+        self.traced_flags: List[bool] = self.traced.tolist()  # read once per draw: no tensor indexing there
         self.failure: Optional[BaseException] = None
 
     def run(self) -> Tuple[CrossMoments, Dict[str, Any]]:
@@ -178,7 +179,7 @@ class Chain:
     def _draw(self, sampler: Sampler, step: int, row: int, draw: int) -> int:
         """Sampler steps up to the next kept draw, then its evaluation into buffer row `row`; returns the step count."""
         eng, run, interval = self.engine, self.run_state, self.args.draw_interval
-        traced = bool(self.traced[draw])
+        traced = self.traced_flags[draw]
         for k in range(interval):
             sampler.track_norms = traced and k == interval - 1
             self._step(sampler, step)

@@ -299,7 +299,7 @@ class Lockstep:
 
     def _draw(self, step: int, row: int, draw: int) -> int:
         """Steps up to the next kept draw, then every chain's evaluation into its buffer row `row`."""
-        interval, traced = self.args.draw_interval, bool(self.lanes[0].traced[draw])
+        interval, traced = self.args.draw_interval, self.lanes[0].traced_flags[draw]
         for k in range(interval):
             for lane in self.lanes:
                 lane.sampler.track_norms = traced and k == interval - 1
