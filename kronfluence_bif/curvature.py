@@ -10,6 +10,7 @@ stiff and flat directions (the paper's preconditioned SGLD, App. B.1, with a cur
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -17,6 +18,19 @@ from typing import Any, Callable, Sequence
 import torch
 
 from kronfluence_bif.logs import logger
+
+
+def double_backward() -> contextlib.AbstractContextManager:
+    """The block's `scaled_dot_product_attention` calls take torch's math kernel, whose backward is itself
+    differentiable: the fused kernels (flash attention on CPU, cuDNN and memory-efficient ones on CUDA) have no
+    double backward, so Hessian-vector products through a Hugging Face model with its default "sdpa" attention
+    fail without it. The math kernel computes the same attention, to float rounding. For the Hessian-vector
+    products (Rayleigh-Ritz, the sharpness probe); the chains' steps and evaluations keep the fast kernels."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch < 2.3: no kernel choice
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 @dataclass

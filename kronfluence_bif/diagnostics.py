@@ -28,6 +28,7 @@ import torch
 
 from kronfluence_bif import storage
 from kronfluence_bif.arguments import BIFArguments
+from kronfluence_bif.curvature import double_backward
 from kronfluence_bif.samplers import sampler_class
 from kronfluence_bif.samplers.base import global_norm
 from kronfluence_bif.tables import format_value, text_table
@@ -235,7 +236,7 @@ def preconditioned_sharpness(
     nbeta 100, localization 1e3) a stop on a 1e-3 change of the power iterate gave 1001 against 2374.
     """
     params = list(params)
-    with torch.enable_grad():
+    with torch.enable_grad(), double_backward():  # the graph of the first backward is differentiated again
         grads = torch.autograd.grad(loss_fn(), params, create_graph=True)
     if preconditioner is None:
         apply_root = list

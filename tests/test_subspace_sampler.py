@@ -16,6 +16,7 @@ from torch import nn
 from kronfluence_bif import Analyzer, BIFArguments, prepare_model
 from kronfluence_bif.checkpoints import CheckpointStore
 from kronfluence_bif.curvature import CurvatureSketch
+from kronfluence_bif.diagnostics import preconditioned_sharpness
 from kronfluence_bif.samplers import SAMPLERS, SketchSGLD, SubspaceSGLD
 from kronfluence_bif.samplers.subspace import positive_curvature, rayleigh_ritz
 
@@ -76,6 +77,35 @@ def test_rayleigh_ritz_through_a_network_matches_its_exact_hessian():
     sketch = CurvatureSketch(basis=span, eigenvalues=torch.ones(5, dtype=F64))
     refined = rayleigh_ritz(lambda: F.mse_loss(model(x), y, reduction="sum"), params, sketch, batch_size=20)
     torch.testing.assert_close(refined.eigenvalues, torch.linalg.eigvalsh(span @ hessian @ span.T).flip(0))
+
+
+def test_rayleigh_ritz_and_sharpness_through_sdpa_attention_match_the_eager_attention():
+    """A Hugging Face GPT-2 with its default "sdpa" attention: the fused CPU kernel has no double backward, so the
+    Hessian-vector products run under `double_backward()` (the math kernel); they equal eager attention's."""
+    transformers = pytest.importorskip("transformers")
+    config = dict(vocab_size=11, n_positions=8, n_embd=8, n_layer=1, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0)
+    torch.manual_seed(0)
+    sdpa = transformers.GPT2LMHeadModel(transformers.GPT2Config(**config, attn_pdrop=0.0)).double().eval()
+    eager = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(**config, attn_pdrop=0.0, attn_implementation="eager")
+    ).double()
+    eager.load_state_dict(sdpa.state_dict())
+    eager.eval()
+    ids = torch.randint(0, 11, (3, 8), generator=torch.Generator().manual_seed(1))
+
+    def loss(model):
+        return lambda: model(input_ids=ids, labels=ids).loss * ids.numel()
+
+    values = {}
+    for name, model in (("sdpa", sdpa), ("eager", eager)):
+        params = [p for p in model.parameters() if p.requires_grad]
+        span = _random_span(sum(p.numel() for p in params), 3, seed=4)
+        sketch = CurvatureSketch(basis=span, eigenvalues=torch.ones(3, dtype=F64))
+        seeded = torch.Generator().manual_seed(0)
+        sharp = preconditioned_sharpness(loss(model), params, 1.0, 0.0, None, generator=seeded)
+        values[name] = (rayleigh_ritz(loss(model), params, sketch, batch_size=3).eigenvalues, sharp)
+    torch.testing.assert_close(values["sdpa"][0], values["eager"][0], rtol=1e-9, atol=1e-9)
+    assert values["sdpa"][1] == pytest.approx(values["eager"][1], rel=1e-9)
 
 
 def test_chain_covariance_on_the_span_is_the_closed_form_and_zero_off_it():

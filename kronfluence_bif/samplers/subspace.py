@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from kronfluence_bif.curvature import CurvatureSketch
+from kronfluence_bif.curvature import CurvatureSketch, double_backward
 from kronfluence_bif.logs import logger, warn_once
 from kronfluence_bif.samplers.base import RootFn, SamplerContext, Vectors, register_sampler, split_like
 from kronfluence_bif.samplers.sketch import SketchSGLD, build_sketch, check_dimensionless
@@ -231,7 +231,7 @@ def rayleigh_ritz(
 
 def _hessian_rows(loss: Callable[[], torch.Tensor], params: List[torch.Tensor], basis: torch.Tensor) -> torch.Tensor:
     """[k, p]: the Hessian of loss() times each row of `basis` (flattened over `params`), by double backward."""
-    with torch.enable_grad():
+    with torch.enable_grad(), double_backward():
         grads = torch.autograd.grad(loss(), params, create_graph=True, allow_unused=True)
         flat = torch.cat([_flat_or_zeros(g, p).to(basis.dtype) for g, p in zip(grads, params)])
         if not flat.requires_grad:  # the gradient does not depend on the weights: H = 0
