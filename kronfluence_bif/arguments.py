@@ -105,6 +105,15 @@ class BIFArguments:
         "Defaults). None: the sampler's default (subspace_sgld True, the others False).",
         default=None,
     )
+    control_variate: Optional[bool] = _help(
+        "Minibatch gradients with the SGLD-CV control variate (Baker et al. 2019): the minibatch's gradient at w* "
+        "is subtracted and the full-batch gradient at w* added, so the gradient noise is that of g(w) - g(w*), "
+        "which vanishes at w*, instead of the spread of the per-example gradients (the noise that grows with "
+        "nbeta^2 / m). Costs one more forward and backward of the minibatch per step and one full pass at w* per "
+        "run; nothing with a full-batch sampler_batch_size, where it is exactly zero. None: the sampler's default "
+        "(subspace_sgld True, the others False).",
+        default=None,
+    )
     normalize: bool = _help("Pearson correlation instead of covariance (the paper's normalized BIF).", default=False)
     seed: int = _help("Base seed; chain c is seeded by (seed, c), independent of the number of processes.", default=0)
     rmsprop_alpha: float = _help("EMA decay of the squared-gradient average of RMSprop-SGLD.", default=0.99)
@@ -281,11 +290,12 @@ class BIFArguments:
         ):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"BIFArguments.{name} must be True or False, got {getattr(self, name)!r}.")
-        if self.center_gradient is not None and not isinstance(self.center_gradient, bool):
-            raise ValueError(
-                f"BIFArguments.center_gradient must be None (the sampler's default), True or False, got "
-                f"{self.center_gradient!r}."
-            )
+        for name in ("center_gradient", "control_variate"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, bool):
+                raise ValueError(
+                    f"BIFArguments.{name} must be None (the sampler's default), True or False, got {value!r}."
+                )
 
     def _check_sampler(self) -> None:
         """A registered sampler or "auto"; with "auto" the step size, whose scale is the sampler's, stays unset."""

@@ -143,13 +143,11 @@ class Chain:
     def _step(self, sampler: Sampler, index: int) -> None:
         """One sampler step on the next minibatch; its loss goes to the step losses (checked once per block)."""
         eng = self.engine
-        batch = eng.stream.next()
-        with torch.enable_grad():
-            loss = eng.views.summed_train_loss(batch, eng.model)
-        grads = torch.autograd.grad(loss, eng.weights.params)
-        sampler.step(grads, eng.stream.batch_size)
+        size = eng.stream.batch_size
+        loss, grads = eng.gradient(eng.stream.next(), size)
+        sampler.step(grads, size)
         eng.weights.sync()
-        self.run_state.step_losses[index] = loss.detach()
+        self.run_state.step_losses[index] = loss
 
     # ------------------------------------------------------------------ draws
     def _draws(self, sampler: Sampler, moments: CrossMoments, start: int, step: int) -> int:

@@ -27,6 +27,7 @@ from kronfluence_bif.data import MinibatchStream
 from kronfluence_bif.distributed import ProcessState, WorkPlan
 from kronfluence_bif.engine.chain import STEP_TRACES, TRACE_NAMES, RunState, traced_draws
 from kronfluence_bif.engine.evaluation import Evaluator, Side, monitor_rows
+from kronfluence_bif.engine.gradients import StepGradient
 from kronfluence_bif.engine.guards import DivergenceGuard, probe_sharpness
 from kronfluence_bif.engine.lockstep import run_chains
 from kronfluence_bif.engine.seeds import chain_seed
@@ -96,6 +97,9 @@ class SamplingEngine:
         )
         sharpness = partial(probe_sharpness, model, views, weights, stream, args)
         self.context = SamplerContext(model, views, weights, stream, self.device, chain_seed(args.seed, 0), sharpness)
+        # the control variate is exactly zero with the full batch: not computed there
+        control_variate = bool(args.control_variate) and stream.batch_size < stream.n
+        self.gradient = StepGradient(model, views, weights, self.context, control_variate)
 
     def _monitor(self, scored: List[int], rows: List[int]) -> Tuple[Optional[torch.Tensor], Optional[Side]]:
         """x's rows holding the monitor rows when this job scores them all; else a Side evaluating them apart (with

@@ -221,6 +221,11 @@ class Lockstep:
             n: a.unsqueeze(0).repeat(len(chains), *[1] * a.dim()) for n, a in zip(weights.names, weights.anchors)
         }
         self.batch = ChainBatch(engine.model, weights.names, self.stacked, mode="auto")
+        # the control variate's gradients at w*: the same vmapped pass over K copies of w* (`engine.gradients`)
+        self.at_anchor: Optional[Tuple[ChainBatch, Dict[str, torch.Tensor]]] = None
+        if engine.gradient.control_variate:
+            anchors = {n: t.clone() for n, t in self.stacked.items()}
+            self.at_anchor = (ChainBatch(engine.model, weights.names, anchors, mode="auto"), anchors)
         self.buffers = torch.empty(len(chains), *run.buffer.shape, dtype=run.buffer.dtype, device=run.buffer.device)
         self.lanes = [
             Lane(engine, run, chain, [t[k] for t in self.stacked.values()], self.buffers[k])
@@ -264,20 +269,34 @@ class Lockstep:
     def _step(self, index: int) -> None:
         """One step of every chain, each on its own next minibatch: one vmapped forward and backward for all."""
         batches = stack_batches([lane.stream.next() for lane in self.lanes])
-        leaves = list(self.stacked.values())
+        losses, grads = self._gradients(self.batch, self.stacked, batches)
+        size = self.engine.stream.batch_size
+        if self.at_anchor is not None:  # as `StepGradient`: minus each minibatch's gradient at w*, plus m grad L(w*)
+            _, at_anchor = self._gradients(*self.at_anchor, batches)
+            mean = self.engine.context.anchor_gradient()
+            with torch.no_grad():
+                grads = torch._foreach_sub(grads, at_anchor)
+                torch._foreach_add_(grads, [g.to(d.dtype) for g, d in zip(mean, grads)], alpha=float(size))
+        for k, lane in enumerate(self.lanes):
+            lane.sampler.step([g[k] for g in grads], size)
+            lane.run_state.step_losses[index] = losses[k].detach()
+
+    def _gradients(
+        self, batch: ChainBatch, stacked: Dict[str, torch.Tensor], batches: Any
+    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """[K] minibatch losses and the stacked [K, ...] gradients of the weights in `stacked`: one vmapped forward
+        and backward."""
+        leaves = list(stacked.values())
         with torch.enable_grad():
             for t in leaves:
                 t.requires_grad_(True)
             try:
-                losses = self.batch.summed_losses(self.engine.views.summed_train_loss, batches)
+                losses = batch.summed_losses(self.engine.views.summed_train_loss, batches)
                 grads = torch.autograd.grad(losses.sum(), leaves)
             finally:
                 for t in leaves:
                     t.requires_grad_(False)
-        size = self.engine.stream.batch_size
-        for k, lane in enumerate(self.lanes):
-            lane.sampler.step([g[k] for g in grads], size)
-            lane.run_state.step_losses[index] = losses[k].detach()
+        return losses, list(grads)
 
     def _draws(self, step: int) -> int:
         """Every chain's draws, blocks flushed and checkpointed together; returns the step count."""

@@ -131,6 +131,7 @@ class Sampler:
         "num_burnin_steps": 100,
         "sketch_rank": 128,
         "center_gradient": False,
+        "control_variate": False,
     }
     buffer_rows: int = 1  # flat work rows of numel(params): the last one holds the noise
     # noise scaled by sqrt(1 - eps/4), so a linear chain's variance is exact (the diagnostics' variance inflation)

@@ -53,6 +53,7 @@ class SubspaceSGLD(SketchSGLD):
         "num_burnin_steps": 20,
         "sketch_rank": 256,
         "center_gradient": True,
+        "control_variate": True,
     }
     buffer_rows = 2  # loss drift, w - w*; the noise is drawn on the span (k numbers, not p)
     exact_linear_variance = True
