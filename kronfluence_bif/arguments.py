@@ -23,7 +23,8 @@ RUN_CONTROL_FIELDS = (
 
 AUTO_SAMPLER = "auto"  # BIFArguments.sampler's default: chosen per run by `BIFArguments.resolved`
 AUTO_SPAN_BYTES = 1 << 30  # "auto" takes subspace_sgld while its span basis (sketch_rank x weights, fp32) fits
-AUTO_FULL_BATCH_RATIO = 2  # ... and while the posterior's examples are at most this many times those evaluated
+AUTO_FULL_BATCH_RATIO = 2  # full batch while the posterior's examples are at most this many times those evaluated
+AUTO_MINIBATCH = 64  # ... else this minibatch, with the control variate (the tiny GPT-2: 1803 vs 136 sequences)
 
 
 def _help(text: str, **kwargs: Any) -> Any:
@@ -60,9 +61,10 @@ class BIFArguments:
 
     sampler: str = _help(
         "`auto` (the default: `subspace_sgld` when its span fits, sketch_rank x the number of sampled weights x 4 "
-        "bytes <= 1 GiB, its full-batch gradient costs about what the draws evaluate anyway, train_dataset <= 2 x "
-        "the scored train and query examples, and `sampler_batch_size` is unset; else `rmsprop_sgld`. Resolved per "
-        "run, logged, and recorded in bif_diagnostics.json), "
+        "bytes <= 1 GiB, and `sampler_batch_size` is unset, with the full batch while train_dataset <= 2 x the "
+        "scored train and query examples (it then costs about what the draws evaluate anyway), else a minibatch of "
+        "64 with the control variate; otherwise `rmsprop_sgld`. Resolved per run, logged, and recorded in "
+        "bif_diagnostics.json), "
         "`subspace_sgld` (SGLD on the span of a low-rank Fisher sketch at w*, with Rayleigh-Ritz eigenvalues, a "
         "full-batch gradient and the drift centred at w*), `sketch_sgld` (SGLD preconditioned by (nbeta F_K + "
         "localization)^-1), `rmsprop_sgld` (diagonal RMSprop preconditioner, Li et al. 2016) or `sgld`; any name "
@@ -214,18 +216,21 @@ class BIFArguments:
         for a run over `num_weights` sampled weights whose posterior has `num_train` examples, of which the draws
         evaluate `num_evaluated` (train and query); themselves when the sampler is explicit.
 
-        subspace_sgld where its span basis fits in `AUTO_SPAN_BYTES` and its full-batch gradient costs at most
-        about what every draw evaluates anyway (num_train <= AUTO_FULL_BATCH_RATIO x num_evaluated), with
-        `sampler_batch_size` unset (a minibatch size set by the user means a minibatch sampler); else rmsprop_sgld.
+        subspace_sgld where its span basis fits in `AUTO_SPAN_BYTES` and `sampler_batch_size` is unset (a minibatch
+        size set by the user means RMSprop-SGLD's minibatch sampler), else rmsprop_sgld. Its gradient is the full
+        batch while that costs at most about what every draw evaluates anyway (num_train <= AUTO_FULL_BATCH_RATIO x
+        num_evaluated), else a minibatch of AUTO_MINIBATCH with the control variate (subspace_sgld's default).
         Without the counts (0, 0) the full batch is taken as affordable.
         """
         if self.sampler != AUTO_SAMPLER:
             return self
         rank = self.sketch_rank or SAMPLERS["subspace_sgld"].defaults["sketch_rank"]
         fits = rank * int(num_weights) * 4 <= AUTO_SPAN_BYTES
+        if not fits or self.sampler_batch_size is not None:
+            return dataclasses.replace(self, sampler="rmsprop_sgld")
         affordable = int(num_train) <= AUTO_FULL_BATCH_RATIO * int(num_evaluated)
-        subspace = fits and affordable and self.sampler_batch_size is None
-        return dataclasses.replace(self, sampler="subspace_sgld" if subspace else "rmsprop_sgld")
+        batch = None if affordable else min(AUTO_MINIBATCH, int(num_train))
+        return dataclasses.replace(self, sampler="subspace_sgld", sampler_batch_size=batch)
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:

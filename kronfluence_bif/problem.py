@@ -88,7 +88,9 @@ def resolve_arguments(
         resolved.nbeta,
         resolved.localization,
         resolved.step_size,
-        "full batch" if resolved.sampler_batch_size is None else resolved.sampler_batch_size,
+        "full batch"
+        if resolved.sampler_batch_size is None
+        else f"{resolved.sampler_batch_size}{' with the control variate' if resolved.control_variate else ''}",
         resolved.num_burnin_steps,
         ", centred at w*" if resolved.center_gradient else "",
     )

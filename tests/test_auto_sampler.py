@@ -10,7 +10,7 @@ import torch
 from conftest import PlainRegressionTask, assert_bitwise_equal, state_copy
 
 from kronfluence_bif import Analyzer, BIFArguments, prepare_model
-from kronfluence_bif.arguments import AUTO_SPAN_BYTES
+from kronfluence_bif.arguments import AUTO_MINIBATCH, AUTO_SPAN_BYTES
 from kronfluence_bif.samplers import SAMPLERS
 
 
@@ -32,9 +32,13 @@ def test_auto_takes_subspace_sgld_while_its_span_fits_and_the_batch_is_unset():
     assert large.sampler == "rmsprop_sgld"
     assert (large.step_size, large.nbeta, large.sampler_batch_size, large.center_gradient) == (3e-4, 1e3, 64, False)
     # a full batch only while it costs about what the draws evaluate anyway: a posterior over more examples than
-    # twice the scored ones takes the minibatch sampler
-    assert args.resolved(10, num_train=200, num_evaluated=100).sampler == "subspace_sgld"
-    assert args.resolved(10, num_train=201, num_evaluated=100).sampler == "rmsprop_sgld"
+    # twice the scored ones takes a minibatch of AUTO_MINIBATCH, with the control variate
+    full = args.resolved(10, num_train=200, num_evaluated=100)
+    assert (full.sampler, full.sampler_batch_size, full.control_variate) == ("subspace_sgld", None, True)
+    mini = args.resolved(10, num_train=201, num_evaluated=100)
+    assert (mini.sampler, mini.sampler_batch_size, mini.control_variate) == ("subspace_sgld", AUTO_MINIBATCH, True)
+    assert (mini.nbeta, mini.localization, mini.step_size) == (1e5, 1e3, 1.0)
+    assert args.resolved(10, num_train=50, num_evaluated=10).sampler_batch_size == 50  # never above the data
     # a minibatch size set by the user means a minibatch sampler; a set field is kept, the rest are filled
     assert BIFArguments(sampler_batch_size=32).resolved(10).sampler == "rmsprop_sgld"
     kept = BIFArguments(nbeta=1e4, num_burnin_steps=7).resolved(10)

@@ -13,16 +13,13 @@ from kronfluence_bif.storage import BIF_TOKEN_SCORES_FILE
 from kronfluence_bif.tasks import IGNORE_INDEX
 from kronfluence_bif.usage import Usage, measure
 
-# kronfluence-bif's defaults (RMSprop-SGLD, step 3e-4, nbeta 1000, localization 1000: `calibrate` recommends this
-# step on this model), pinned, as sketch-SGLD at nbeta >= 3e3 explodes on small GPT-2s (README "Defaults"); fewer
-# and shorter chains for a CPU demo, and correlations (the paper's normalized BIF, used for its figures)
+# kronfluence-bif's defaults ("auto": subspace-SGLD on a minibatch of 64 of the 1803 sequences, with the control
+# variate), with fewer and shorter chains and a rank-64 span for a CPU demo, and correlations (the paper's
+# normalized BIF, used for its figures)
 DEFAULT_BIF_ARGS: Dict[str, Any] = {
-    "sampler": "rmsprop_sgld",
-    "nbeta": 1000.0,
     "num_chains": 2,
     "num_draws": 300,
-    "num_burnin_steps": 50,
-    "sampler_batch_size": 32,
+    "sketch_rank": 64,
     "normalize": True,
 }
 
