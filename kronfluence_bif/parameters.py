@@ -99,8 +99,8 @@ class SampledWeights:
             self.snapshot = [p.detach().clone() for p in self.params]
             self.anchors = [s if s.dtype == torch.float32 else s.float() for s in self.snapshot]
             self.masters = [p.data if p.dtype == torch.float32 else p.detach().float() for p in self.params]
-        self._separate = [m.data_ptr() != p.data_ptr() for m, p in zip(self.masters, self.params)]
-        self._pairs = [(m, p) for m, p, s in zip(self.masters, self.params, self._separate) if s]
+        # (master, parameter) where the master is a separate fp32 copy: what `sync` copies after every step
+        self._pairs = [(m, p) for m, p in zip(self.masters, self.params) if m.data_ptr() != p.data_ptr()]
         self.model.eval()
         for p in self.params:
             p.requires_grad_(True)

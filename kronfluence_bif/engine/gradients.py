@@ -17,7 +17,7 @@ With a full-batch `sampler_batch_size` the two terms cancel exactly, so the engi
 
 from __future__ import annotations
 
-from typing import Any, List, Tuple
+from typing import Any, List, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -43,17 +43,15 @@ class StepGradient:
         self.weights = weights
         self.context = context
         self.control_variate = control_variate
-        self._saved: List[torch.Tensor] = []  # the chain's weights while the model is at w* (control variate)
+        # the chain's weights while the model is at w* (control variate only)
+        self._saved = [torch.empty_like(p) for p in weights.params] if control_variate else []
 
     def __call__(self, batch: Any, batch_size: int) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         params = self.weights.params
         loss, grads = self._gradient(batch)
         if not self.control_variate:
             return loss, grads
-        mean_at_anchor = self.context.anchor_gradient()  # computed once per run, at w*
         with torch.no_grad():
-            if not self._saved:
-                self._saved = [torch.empty_like(p) for p in params]
             torch._foreach_copy_(self._saved, params)
             torch._foreach_copy_(params, self.weights.snapshot)  # w* in the model's own dtype
         try:
@@ -61,12 +59,20 @@ class StepGradient:
         finally:
             with torch.no_grad():
                 torch._foreach_copy_(params, self._saved)
-        with torch.no_grad():
-            grads = torch._foreach_sub(grads, at_anchor)
-            torch._foreach_add_(grads, [g.to(d.dtype) for g, d in zip(mean_at_anchor, grads)], alpha=float(batch_size))
-        return loss, grads
+        return loss, with_control_variate(grads, at_anchor, self.context.anchor_gradient(), batch_size)
 
     def _gradient(self, batch: Any) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         with torch.enable_grad():
             loss = self.views.summed_train_loss(batch, self.model)
         return loss.detach(), list(torch.autograd.grad(loss, self.weights.params))
+
+
+@torch.no_grad()
+def with_control_variate(
+    grads: Sequence[torch.Tensor], at_anchor: Sequence[torch.Tensor], mean: Sequence[torch.Tensor], batch_size: int
+) -> List[torch.Tensor]:
+    """grads - at_anchor + batch_size * mean: the minibatch's summed gradient minus its own at w*, plus m times the
+    full-batch mean gradient at w* (`mean`, broadcast over a leading chain dimension in lockstep)."""
+    out = torch._foreach_sub(list(grads), list(at_anchor))
+    torch._foreach_add_(out, [g.to(d.dtype) for g, d in zip(mean, out)], alpha=float(batch_size))
+    return out

@@ -25,6 +25,7 @@ from torch.utils._pytree import tree_map
 from kronfluence_bif.batched import ChainBatch, stack_batches
 from kronfluence_bif.data import MinibatchStream
 from kronfluence_bif.engine.chain import Chain, RunState
+from kronfluence_bif.engine.gradients import with_control_variate
 from kronfluence_bif.engine.seeds import chain_seed
 from kronfluence_bif.logs import logger
 from kronfluence_bif.loss_views import PerExampleView
@@ -221,7 +222,7 @@ class Lockstep:
             n: a.unsqueeze(0).repeat(len(chains), *[1] * a.dim()) for n, a in zip(weights.names, weights.anchors)
         }
         self.batch = ChainBatch(engine.model, weights.names, self.stacked, mode="auto")
-        # the control variate's gradients at w*: the same vmapped pass over K copies of w* (`engine.gradients`)
+        # the control variate's gradients at w*: the same vmapped pass over K copies of w* (`StepGradient`)
         self.at_anchor: Optional[Tuple[ChainBatch, Dict[str, torch.Tensor]]] = None
         if engine.gradient.control_variate:
             anchors = {n: t.clone() for n, t in self.stacked.items()}
@@ -271,12 +272,9 @@ class Lockstep:
         batches = stack_batches([lane.stream.next() for lane in self.lanes])
         losses, grads = self._gradients(self.batch, self.stacked, batches)
         size = self.engine.stream.batch_size
-        if self.at_anchor is not None:  # as `StepGradient`: minus each minibatch's gradient at w*, plus m grad L(w*)
+        if self.at_anchor is not None:  # as `StepGradient`
             _, at_anchor = self._gradients(*self.at_anchor, batches)
-            mean = self.engine.context.anchor_gradient()
-            with torch.no_grad():
-                grads = torch._foreach_sub(grads, at_anchor)
-                torch._foreach_add_(grads, [g.to(d.dtype) for g, d in zip(mean, grads)], alpha=float(size))
+            grads = with_control_variate(grads, at_anchor, self.engine.context.anchor_gradient(), size)
         for k, lane in enumerate(self.lanes):
             lane.sampler.step([g[k] for g in grads], size)
             lane.run_state.step_losses[index] = losses[k].detach()
