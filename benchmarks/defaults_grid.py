@@ -1,11 +1,13 @@
 """Reproduce README's "Defaults" table: LDS and agreement with EK-FAC for a grid of BIF settings.
 
     python benchmarks/defaults_grid.py --task uci --retrains 60
+    python benchmarks/defaults_grid.py --task uci --retrains 60 --fractions 0.5 0.1 --grid '[{"nbeta": 3e4}]'
     python benchmarks/defaults_grid.py --task digits --retrains 40 \
         --grid '[{"sampler": "rmsprop_sgld", "step_size": 1e-4}]'
 
-LDS: train on K random halves of the training set, record the query losses, and correlate (Spearman per query,
-averaged) them with the prediction -masks @ scores.T (kronfluence's sign). Retrains are cached in --cache.
+LDS: train on K random subsets (halves by default; `--fractions` lists the retrain fractions, one LDS column each) of
+the training set, record the query losses, and correlate (Spearman per query, averaged) them with the prediction
+-masks @ scores.T (kronfluence's sign). Retrains are cached in --cache.
 Not a test: it takes minutes (retraining dominates).
 """
 
@@ -126,39 +128,44 @@ def main() -> None:
         default='[{}, {"sampler": "sgld", "step_size": 1e-4, "nbeta": 100}]',
         help="JSON list of BIFArguments overrides; {} is the defaults",
     )
+    parser.add_argument("--fractions", type=float, nargs="+", default=[0.5], help="retrain fractions of the LDS")
     parser.add_argument("--cache", default="./benchmark_results")
     args = parser.parse_args()
     set_threads(1)
-    setup = LDSSetup.load(args.task, args.retrains, args.cache)
+    setups = [LDSSetup.load(args.task, args.retrains, args.cache, f) for f in args.fractions]
+    setup = setups[0]
+
+    def lds_columns(scores: np.ndarray) -> dict:
+        if len(setups) == 1:
+            return {"lds": setup.lds(scores)}
+        return {f"lds_f{f:g}": s.lds(scores) for f, s in zip(args.fractions, setups)}
+
     model = prepare_model(setup.fit(setup.train, 0), setup.task)
     analyzer = Analyzer(args.task, model, setup.task, cpu=True, output_dir=str(setup.out), disable_tqdm=True)
+    print(
+        f"{args.task}: {len(setup.train)} train, {len(setup.query)} query, {len(setup.masks)} retrains, "
+        f"torch {torch.__version__}",
+        flush=True,
+    )
     rows = []
+
+    def add(row: dict) -> None:
+        rows.append(row)
+        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+
     ekfac, seconds = setup.score(analyzer, "ekfac")
-    rows.append({"setting": "EK-FAC", "seconds": seconds, "lds": setup.lds(ekfac)})
+    add({"setting": "EK-FAC", "seconds": seconds, **lds_columns(ekfac)})
     ident, _ = setup.score(analyzer, "identity", "identity")
-    rows.append({"setting": "identity", "lds": setup.lds(ident), "spearman_vs_ekfac": agreement(ekfac, ident)[0]})
+    add({"setting": "identity", **lds_columns(ident), "spearman_vs_ekfac": agreement(ekfac, ident)[0]})
     for i, overrides in enumerate(json.loads(args.grid)):
         try:
             scores, seconds = setup.score(analyzer, f"bif{i}", "bif", BIFArguments(**overrides))
         except Exception as exc:  # noqa: BLE001 - a diverging setting is a result of the grid, not a crash
-            rows.append({"setting": overrides or "defaults", "error": str(exc).splitlines()[0][:160]})
+            add({"setting": overrides or "defaults", "error": str(exc).splitlines()[0][:160]})
             continue
         rho, top = agreement(ekfac, scores)
-        rows.append(
-            {
-                "setting": overrides or "defaults",
-                "seconds": seconds,
-                "lds": setup.lds(scores),
-                "spearman_vs_ekfac": rho,
-                "top10_overlap": top,
-            }
-        )
-    print(
-        f"\n{args.task}: {len(setup.train)} train, {len(setup.query)} query, {len(setup.masks)} retrains, "
-        f"torch {torch.__version__}"
-    )
-    for row in rows:
-        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}))
+        row = {"setting": overrides or "defaults", "seconds": seconds, **lds_columns(scores)}
+        add({**row, "spearman_vs_ekfac": rho, "top10_overlap": top})
     (setup.out / f"{args.task}_grid.json").write_text(json.dumps(rows, indent=2, default=str))
 
 

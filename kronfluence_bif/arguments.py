@@ -87,12 +87,21 @@ class BIFArguments:
     )
     nbeta: Optional[float] = _help(
         "Effective sample size times inverse temperature (n*beta). None: the sampler's default (subspace_sgld 1e5, "
-        "the others 1e3).",
+        "the others 1e3), or the temperature pilot's choice (`calibrate_temperature`).",
         default=None,
     )
     localization: Optional[float] = _help(
         "Strength gamma of the pull towards w* (plays the role of damping, localization / nbeta). None: the "
-        "sampler's default (1e3).",
+        "sampler's default (1e3), or the temperature pilot's choice (`calibrate_temperature`).",
+        default=None,
+    )
+    calibrate_temperature: Optional[bool] = _help(
+        "Choose (nbeta, localization) per run by a temperature pilot: short chains from w* on the sampler's ladder "
+        "(subspace_sgld: 1e4 / 1e2, then 3e4 / 3e2, all at damping 0.01), hottest first; the first whose losses stay "
+        "finite and near their equilibrium rise is taken, else the sampler's defaults (1e5 / 1e3). A hotter "
+        "posterior predicts retraining better where it stays stable (README, Defaults). Logged; the chosen values "
+        "are in bif_diagnostics.json's sampler_arguments. None: True when neither nbeta nor localization is set; "
+        "samplers without a ladder ignore it (False).",
         default=None,
     )
     sampler_batch_size: Optional[int] = _help(
@@ -199,6 +208,10 @@ class BIFArguments:
     def __post_init__(self) -> None:
         # a field left None takes the sampler's default (sketch-SGLD's step is dimensionless, the others' are not);
         # with sampler="auto" they stay None until `resolved` knows the model
+        if self.calibrate_temperature is None:  # decided before the defaults fill nbeta and localization
+            self.calibrate_temperature = self.nbeta is None and self.localization is None
+        if self.sampler in SAMPLERS and not SAMPLERS[self.sampler].temperature_ladder:
+            self.calibrate_temperature = False
         if self.sampler in SAMPLERS:
             self._fill_defaults()
         self.validate()
@@ -292,6 +305,7 @@ class BIFArguments:
             "token_by_token",
             "step_diagnostics",
             "compile_evaluation",
+            "calibrate_temperature",
         ):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"BIFArguments.{name} must be True or False, got {getattr(self, name)!r}.")

@@ -121,6 +121,7 @@ def calibrate(
     base_args = base_args if base_args is not None else BIFArguments()
     # as a score run over the whole training set would resolve it (the grid's chains evaluate fewer examples)
     base = resolve_arguments(model, task, base_args, len(train_dataset), len(train_dataset))
+    base = dataclasses.replace(base, calibrate_temperature=False)  # the grid sets nbeta and localization itself
     step_sizes = list(step_sizes) if step_sizes else [base.step_size * f for f in STEP_FACTORS]
     nbetas = list(nbetas) if nbetas else [base.nbeta]
     localizations = list(localizations) if localizations else [base.localization]

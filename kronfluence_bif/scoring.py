@@ -126,7 +126,8 @@ class BIFScorer:
         logger.info("Sampled BIF %s scores in %.2f seconds.", req.kind, time.time() - start)
         with self._profile(f"Save BIF {req.kind.label} Scores"):
             # diagnostics first, scores last: an existing score file always means a complete run
-            state.on_main(self._write_diagnostics, out, results, run_args)
+            ran = next((r.args for r in results.values() if r.args is not None), run_args)  # the pilot's choice
+            state.on_main(self._write_diagnostics, out, results, ran)
             state.on_main(
                 self._write_results, out, req.kind, args, bif_args, scores, data_partitions, module_partition, plan
             )

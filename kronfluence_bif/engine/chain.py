@@ -18,7 +18,7 @@ import torch
 from kronfluence_bif.distributed import WorkPlan
 from kronfluence_bif.engine.evaluation import _Layout
 from kronfluence_bif.engine.guards import DivergenceGuard
-from kronfluence_bif.engine.seeds import chain_seed
+from kronfluence_bif.engine.seeds import chain_seed, stream_seed
 from kronfluence_bif.logs import logger
 from kronfluence_bif.moments import CrossMoments
 from kronfluence_bif.samplers import Sampler, make_sampler
@@ -84,7 +84,7 @@ class Chain:
         eng, args, run = self.engine, self.args, self.run_state
         eng.weights.reset()
         sampler = self._make_sampler()
-        eng.stream.reset(torch.Generator().manual_seed(chain_seed(args.seed, self.chain) ^ 0x5EED))
+        eng.stream.reset(torch.Generator().manual_seed(stream_seed(args.seed, self.chain)))
         resumed = self._load()
         if resumed is not None:
             moments, start, step, summary = self._restore(resumed, sampler)

@@ -31,6 +31,7 @@ from kronfluence_bif.engine.gradients import StepGradient
 from kronfluence_bif.engine.guards import DivergenceGuard, probe_sharpness
 from kronfluence_bif.engine.lockstep import run_chains
 from kronfluence_bif.engine.seeds import chain_seed
+from kronfluence_bif.engine.temperature import choose_temperature
 from kronfluence_bif.heap import frozen_heap
 from kronfluence_bif.logs import logger
 from kronfluence_bif.loss_views import LossViews
@@ -54,6 +55,7 @@ class SamplingResult:
     traces: Dict[str, torch.Tensor] = field(default_factory=dict)
     sharpness: Optional[float] = None  # largest preconditioned curvature after burn-in (diagnostics)
     widths: Tuple[int, int] = (1, 1)  # values per train example and per query (per-token runs: T and 1 + T)
+    args: Optional[BIFArguments] = None  # what the chains ran with (the temperature pilot's nbeta, localization)
 
 
 class SamplingEngine:
@@ -97,6 +99,7 @@ class SamplingEngine:
         )
         sharpness = partial(probe_sharpness, model, views, weights, stream, args)
         self.context = SamplerContext(model, views, weights, stream, self.device, chain_seed(args.seed, 0), sharpness)
+        self._temperature_settled = False  # the temperature pilot runs once, at the start of `run`
         # the control variate is exactly zero with the full batch: not computed there
         control_variate = bool(args.control_variate) and stream.batch_size < stream.n
         self.gradient = StepGradient(model, views, weights, self.context, control_variate)
@@ -127,7 +130,18 @@ class SamplingEngine:
         )
         logger.info("Sampling with %d CPU thread(s): %s.", choice.threads, choice.reason)
         with using_threads(choice.threads), untracked_forwards(self.model), frozen_heap():
+            self._settle_temperature()
             return self._run()
+
+    def _settle_temperature(self) -> None:
+        """nbeta and localization from the temperature pilot (`engine/temperature.py`), where the arguments ask."""
+        if self._temperature_settled:
+            return
+        self._temperature_settled = True
+        args = choose_temperature(self)
+        if args is not self.args:
+            self.args = args
+            self.context.sharpness = partial(probe_sharpness, self.model, self.views, self.weights, self.stream, args)
 
     def _run(self) -> SamplingResult:
         plan = self.state.plan(self.args.num_chains)
@@ -206,4 +220,5 @@ class SamplingEngine:
             traces={k: v.cpu().clone() for k, v in traces.items()},  # own storage each: the step traces share one
             sharpness=sharpness,
             widths=(self.x.width, self.y.width if self.y is not None else 1),
+            args=self.args,
         )

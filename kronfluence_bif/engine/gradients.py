@@ -17,7 +17,7 @@ With a full-batch `sampler_batch_size` the two terms cancel exactly, so the engi
 
 from __future__ import annotations
 
-from typing import Any, List, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -45,6 +45,7 @@ class StepGradient:
         self.control_variate = control_variate
         # the chain's weights while the model is at w* (control variate only)
         self._saved = [torch.empty_like(p) for p in weights.params] if control_variate else []
+        self.anchor_loss: Optional[torch.Tensor] = None  # the last minibatch's summed loss at w* (control variate)
 
     def __call__(self, batch: Any, batch_size: int) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         params = self.weights.params
@@ -55,7 +56,7 @@ class StepGradient:
             torch._foreach_copy_(self._saved, params)
             torch._foreach_copy_(params, self.weights.snapshot)  # w* in the model's own dtype
         try:
-            _, at_anchor = self._gradient(batch)
+            self.anchor_loss, at_anchor = self._gradient(batch)
         finally:
             with torch.no_grad():
                 torch._foreach_copy_(params, self._saved)

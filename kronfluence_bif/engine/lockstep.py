@@ -26,7 +26,7 @@ from kronfluence_bif.batched import ChainBatch, stack_batches
 from kronfluence_bif.data import MinibatchStream
 from kronfluence_bif.engine.chain import Chain, RunState
 from kronfluence_bif.engine.gradients import with_control_variate
-from kronfluence_bif.engine.seeds import chain_seed
+from kronfluence_bif.engine.seeds import chain_seed, stream_seed
 from kronfluence_bif.logs import logger
 from kronfluence_bif.loss_views import PerExampleView
 from kronfluence_bif.moments import CrossMoments
@@ -187,7 +187,7 @@ class Lane(Chain):
         super().__init__(engine, own, chain)
         self.params = params
         self.stream = MinibatchStream(engine.stream.source, engine.stream.batch_size)
-        self.stream.reset(torch.Generator().manual_seed(chain_seed(self.args.seed, chain) ^ 0x5EED))
+        self.stream.reset(torch.Generator().manual_seed(stream_seed(self.args.seed, chain)))
         self.sampler = self._make_sampler()
         self.moments = self._new_moments()
 

@@ -13,7 +13,9 @@ low-rank sketch (`sketch_sgld`, which fuses the whole update into one GEMM pair)
 - `build(params, anchors, args, generator, context)`: a chain's sampler from the run's settings; `context` gives
   what a preconditioner needs beyond the weights (a curvature sketch is built from the model and the data);
 - `state_dict()/load_state_dict()`: what a resumed chain needs besides the weights;
-- diagnostics: `track_norms`/`last_norms` (the step's three move norms), `apply_root` (v -> G^1/2 v), `freeze()`.
+- diagnostics: `track_norms`/`last_norms` (the step's three move norms), `apply_root` (v -> G^1/2 v), `freeze()`;
+- optionally `temperature_ladder`, the (nbeta, localization) rungs of the temperature pilot, with
+  `equilibrium_rise()` (the loss rise a healthy chain settles at) as its yardstick.
 
 A new sampler is one module that subclasses `Sampler` and is decorated with `register_sampler("its_name")`.
 """
@@ -133,6 +135,9 @@ class Sampler:
         "center_gradient": False,
         "control_variate": False,
     }
+    # (nbeta, localization) rungs the temperature pilot tries, hottest first, before `defaults` (BIFArguments.
+    # calibrate_temperature; engine/temperature.py); empty: the sampler has no ladder
+    temperature_ladder: Tuple[Tuple[float, float], ...] = ()
     buffer_rows: int = 1  # flat work rows of numel(params): the last one holds the noise
     # noise scaled by sqrt(1 - eps/4), so a linear chain's variance is exact (the diagnostics' variance inflation)
     exact_linear_variance: bool = False
@@ -180,6 +185,12 @@ class Sampler:
     ) -> Sampler:
         """This sampler for one chain of a run with settings `args`."""
         return cls(params, anchors, args.step_size, args.nbeta, args.localization, generator)
+
+    def equilibrium_rise(self) -> float:
+        """The mean train loss above its value at w* that a healthy chain settles at: by equipartition, each of the
+        d directions the chain moves in holds 1/2 of nbeta x loss, so at most d / (2 nbeta) (every direction
+        constrained by the loss rather than the localization). Here d is the number of sampled weights."""
+        return sum(p.numel() for p in self.params) / (2.0 * self.nbeta)
 
     # ------------------------------------------------------------------ the one update
     @torch.no_grad()

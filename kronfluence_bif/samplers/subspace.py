@@ -55,6 +55,8 @@ class SubspaceSGLD(SketchSGLD):
         "center_gradient": True,
         "control_variate": True,
     }
+    # hotter rungs at the same damping 0.01 (issue 14: UCI LDS 0.307 -> 0.347; digits diverges at 3e4 / 3e2)
+    temperature_ladder = ((1e4, 1e2), (3e4, 3e2))
     buffer_rows = 2  # loss drift, w - w*; the noise is drawn on the span (k numbers, not p)
     exact_linear_variance = True
 
@@ -69,8 +71,10 @@ class SubspaceSGLD(SketchSGLD):
         sketch: CurvatureSketch,
     ) -> None:
         super().__init__(params, anchors, step_size, nbeta, localization, generator, sketch)
-        precision = self.nbeta * sketch.eigenvalues.double().clamp_min(0.0) + self.localization
+        curvature = sketch.eigenvalues.double().clamp_min(0.0)
+        precision = self.nbeta * curvature + self.localization
         self.prec = (1.0 / precision).to(self.basis.dtype)
+        self._rise = 0.5 * float((curvature / precision).sum())  # equipartition on the span: 1/2 sum s / (nbeta s + g)
         # sqrt(1 - eps/4): the AR(1) a linear chain is on each Ritz direction then has exactly the target variance
         self.noise_scale = torch.sqrt(self.step_size * (1.0 - self.step_size / 4.0) / precision).to(self.basis.dtype)
         self._span_noise = torch.empty(sketch.rank, dtype=self.basis.dtype, device=self.basis.device)
@@ -99,6 +103,10 @@ class SubspaceSGLD(SketchSGLD):
             context.cache[SUBSPACE_CACHE_KEY] = refine_sketch(sketch, context)
         sketch = context.cache[SUBSPACE_CACHE_KEY]
         return cls(params, anchors, args.step_size, args.nbeta, args.localization, generator, sketch)
+
+    def equilibrium_rise(self) -> float:
+        """1/2 sum_j s_j / (nbeta s_j + gamma) over the span's Ritz values: the quadratic posterior's mean loss rise."""
+        return self._rise
 
     # ------------------------------------------------------------------ the update, fused
     def _sample_noise(self) -> Vectors:
