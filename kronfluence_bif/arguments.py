@@ -97,9 +97,10 @@ class BIFArguments:
     )
     calibrate_temperature: Optional[bool] = _help(
         "Choose (nbeta, localization) per run by a temperature pilot: short chains from w* on the sampler's ladder "
-        "(subspace_sgld: 1e4 / 1e2, then 3e4 / 3e2, all at damping 0.01), hottest first; the first whose losses stay "
-        "finite and near their equilibrium rise is taken, else the sampler's defaults (1e5 / 1e3). A hotter "
-        "posterior predicts retraining better where it stays stable (README, Defaults). Logged; the chosen values "
+        "(subspace_sgld: 1e4 / 1e2, then 3e4 / 3e2, hotter at damping 0.01, then 3e5 / 1e3, damping 3e-3), in that "
+        "order; the first whose losses stay finite and near their equilibrium rise is taken, else the sampler's "
+        "defaults (1e5 / 1e3). A hotter or less damped posterior predicts retraining better where it stays stable "
+        "(README, Defaults). Logged; the chosen values "
         "are in bif_diagnostics.json's sampler_arguments. None: True when neither nbeta nor localization is set; "
         "samplers without a ladder ignore it (False).",
         default=None,

@@ -74,7 +74,7 @@ def test_the_default_run_records_what_it_sampled_with(tmp_path, trained_mlp, sma
     assert recorded["sampler"] == "auto" and recorded["nbeta"] is None  # the user's arguments, as given
     ran = json.loads((folder / "bif_diagnostics.json").read_text())["sampler_arguments"]
     assert ran["sampler"] == "subspace_sgld" and ran["center_gradient"] is True
-    # the temperature pilot's rung: the ladder's hottest where stable (this small MLP), at damping 0.01
+    # the temperature pilot's rung, as logged: this small MLP is stable at the ladder's first
     assert ran["calibrate_temperature"] is True and (ran["nbeta"], ran["localization"]) == (1e4, 1e2)
     assert "Temperature pilot: nbeta 10000, localization 100: stable" in caplog.text
     # the resolved arguments reproduce the run exactly

@@ -1,29 +1,35 @@
-"""The temperature pilot: the hottest stable (nbeta, localization) of a sampler's ladder, by short chains from w*.
+"""The temperature pilot: the first stable (nbeta, localization) of a sampler's ladder, by short chains from w*.
 
 At a fixed damping localization / nbeta, a hotter posterior (nbeta and localization lowered together) weighs the
 BIF's second-order term more and predicts retraining better: on the demo UCI MLP, subspace-SGLD at nbeta 1e4 /
-localization 1e2 scores LDS 0.347 / 0.218 (retrain fractions 0.5 / 0.1) against 0.307 / 0.159 at 1e5 / 1e3
-(BENCHMARKS.md, "The defaults"). But the draws spread wider, and where the curvature grows quickly away from w*
-the chain leaves the basin within a few steps: the digits MLP at 3e4 / 3e2 (step 10), UCI at 1e4 / 30 (step 9).
-Which rung is stable is a property of the model (and of the chains' noise: digits at 3e4 / 3e2 diverges in some
-chains and not in others), so it is measured: `choose_temperature` runs, per rung, hottest first, the first
-burn-in + `PILOT_STEPS` steps of every chain, seeded exactly as the run seeds them, and keeps the first rung where
-every chain's losses stay finite and their mean rise over w* in the second half stays within `RISE_RATIO` times
-the rise a quadratic posterior settles at (`Sampler.equilibrium_rise`); if no rung passes, the sampler's defaults.
-A run at the chosen rung repeats the pilot's steps exactly, so it cannot diverge within them. Each process pilots
-its own chains and the verdicts are gathered, so every process (and a resumed run) takes the same rung. Its cost:
-(burn-in + PILOT_STEPS) gradient steps per chain and rung tried, once per run (an unstable chain stops the rung).
+localization 1e2 scores LDS 0.347 / 0.218 (retrain fractions 0.5 / 0.1) against 0.307 / 0.159 at 1e5 / 1e3; and at
+a fixed localization a lower damping does on the digits MLP (3e5 / 1e3: 0.433 / 0.418 on two seeds at fraction 0.5
+against 0.392 / 0.386; BENCHMARKS.md, "The defaults"). But where the curvature grows quickly away from w*, the wider
+draws of a small localization leave the basin within a few steps: digits at 3e4 / 3e2 (step 10), UCI at 1e4 / 30
+(step 9). Which rung is stable is a property of the model (and of the chains' noise: digits at 3e4 / 3e2 diverges
+in some chains and not in others), so it is measured: `choose_temperature` runs, per rung in the ladder's order,
+the first burn-in + `PILOT_STEPS` steps of every chain, seeded exactly as the run seeds them, and keeps the first
+rung where every chain's losses stay finite and their mean rise over w* in the second half stays within
+`RISE_RATIO` times the rise a quadratic posterior settles at (`Sampler.equilibrium_rise`); if no rung passes, the
+sampler's defaults. A run at the chosen rung repeats the pilot's steps exactly, so it cannot diverge within them.
+Each process pilots its own chains and the verdicts are gathered, so every process (and a resumed run) takes the
+same rung. Its cost: (burn-in + PILOT_STEPS) gradient steps per chain and rung tried, once per run (an unstable
+chain stops the rung).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional, Sequence, Tuple
 
 import torch
 
 from kronfluence_bif.arguments import BIFArguments
+from kronfluence_bif.diagnostics import SHARPNESS_LIMIT
+from kronfluence_bif.engine.guards import probe_sharpness
 from kronfluence_bif.engine.seeds import chain_seed, stream_seed
 from kronfluence_bif.logs import logger
 from kronfluence_bif.samplers import make_sampler, sampler_class
@@ -44,41 +50,71 @@ def choose_temperature(engine: SamplingEngine) -> BIFArguments:
     chains = engine.state.plan(args.num_chains).chains  # this process's chains; the others pilot theirs
     for nbeta, localization in ladder:
         candidate = dataclasses.replace(args, nbeta=nbeta, localization=localization)
-        verdict = pilot(engine, candidate, chains)
-        verdicts = engine.state.all_gather_object(verdict)
-        stable = all(v[0] for v in verdicts)
-        logger.info(
-            "Temperature pilot: nbeta %g, localization %g: %s (mean loss rise over w* %.3g, limit %.3g).",
-            nbeta,
-            localization,
-            "stable" if stable else "unstable",
-            max(v[1] for v in verdicts),
-            verdict[2],
-        )
-        if stable:
+        verdicts = engine.state.all_gather_object(pilot(engine, candidate, chains))
+        verdict = Verdict.worst(verdicts)
+        logger.info("Temperature pilot: nbeta %g, localization %g: %s.", nbeta, localization, verdict.describe())
+        if verdict.stable:
             return candidate
     logger.info(
-        "Temperature pilot: no hotter rung was stable; sampling at the sampler's defaults (nbeta %g, localization %g).",
+        "Temperature pilot: no rung of the ladder was stable; sampling at the sampler's defaults (nbeta %g, "
+        "localization %g).",
         args.nbeta,
         args.localization,
     )
     return args
 
 
-def pilot(engine: SamplingEngine, args: BIFArguments, chains: Sequence[int]) -> Tuple[bool, float, float]:
-    """(stable, the largest mean loss rise over w* of the chains' second halves, its limit) of the first
-    burn-in + PILOT_STEPS steps of `chains` with `args`, seeded as the run seeds them (so a run at a stable rung
-    repeats these steps exactly); stops at the first unstable chain. The weights are back at w* afterwards."""
-    largest, limit = -math.inf, math.inf
-    for chain in chains:
-        stable, rise, limit = _pilot_chain(engine, args, chain)
-        largest = max(largest, rise)
-        if not stable:
-            return False, largest, limit
-    return True, largest, limit
+@dataclass
+class Verdict:
+    """What a rung's pilot chains showed: the largest mean loss rise over w* (NaN: not measurable), its limit, and
+    step_size x the preconditioned sharpness after the first chain's burn-in (None: not measured)."""
+
+    rise: float = math.nan
+    limit: float = math.inf
+    sharpness: Optional[float] = None
+
+    @property
+    def stable(self) -> bool:
+        """Finite losses, a rise within its limit, and no `sharpness` warning to come (the diagnostics' limit)."""
+        rise_ok = math.isnan(self.rise) or self.rise <= self.limit
+        return rise_ok and (self.sharpness is None or self.sharpness <= SHARPNESS_LIMIT)
+
+    def describe(self) -> str:
+        sharp = "" if self.sharpness is None else f", step x sharpness {self.sharpness:.3g} (limit {SHARPNESS_LIMIT:g})"
+        what = "stable" if self.stable else "unstable"
+        return f"{what} (mean loss rise over w* {self.rise:.3g}, limit {self.limit:.3g}{sharp})"
+
+    @staticmethod
+    def worst(verdicts: Sequence[Verdict]) -> Verdict:
+        """The processes' verdicts as one: the largest rise and sharpness, the smallest limit."""
+        sharp = [v.sharpness for v in verdicts if v.sharpness is not None]
+        return Verdict(
+            rise=functools.reduce(_larger, [v.rise for v in verdicts]),
+            limit=min(v.limit for v in verdicts),
+            sharpness=max(sharp) if sharp else None,
+        )
 
 
-def _pilot_chain(engine: SamplingEngine, args: BIFArguments, chain: int) -> Tuple[bool, float, float]:
+def pilot(engine: SamplingEngine, args: BIFArguments, chains: Sequence[int]) -> Verdict:
+    """The verdict of the first burn-in + PILOT_STEPS steps of `chains` with `args`, seeded as the run seeds them
+    (so a run at a stable rung repeats these steps exactly); the sharpness is probed where the run probes it, after
+    the first chain's burn-in; stops at the first unstable chain. The weights are back at w* afterwards."""
+    verdict = Verdict()
+    for i, chain in enumerate(chains):
+        rise, limit, sharpness = _pilot_chain(engine, args, chain, probe=i == 0)
+        verdict.rise = _larger(verdict.rise, rise)
+        verdict.limit = min(verdict.limit, limit)
+        verdict.sharpness = sharpness if i == 0 else verdict.sharpness
+        if not verdict.stable:
+            break
+    return verdict
+
+
+def _pilot_chain(
+    engine: SamplingEngine, args: BIFArguments, chain: int, probe: bool
+) -> Tuple[float, float, Optional[float]]:
+    """(mean loss rise over w* in the second half: inf where a loss is not finite, NaN where not measurable; its
+    limit; step_size x the sharpness after the burn-in, when `probe`) of one chain's pilot steps."""
     eng = engine
     eng.weights.reset()
     generator = torch.Generator(device=eng.device).manual_seed(chain_seed(args.seed, chain))
@@ -88,8 +124,16 @@ def _pilot_chain(engine: SamplingEngine, args: BIFArguments, chain: int) -> Tupl
     steps = args.num_burnin_steps + PILOT_STEPS
     losses = torch.empty(steps, dtype=torch.float64, device=eng.device)
     at_anchor = torch.full_like(losses, math.nan)
+    sharpness = None
     try:
         for k in range(steps):
+            if k == args.num_burnin_steps:  # where the run freezes the preconditioner and probes the sharpness
+                if args.freeze_preconditioner:
+                    sampler.freeze()
+                if probe:
+                    root = sampler.apply_root  # at this rung's nbeta, as the run would probe it
+                    found = probe_sharpness(eng.model, eng.views, eng.weights, eng.stream, args, root, 0.0)
+                    sharpness = _scaled(found, args.step_size)
             loss, grads = eng.gradient(eng.stream.next(), size)
             losses[k] = loss
             if eng.gradient.anchor_loss is not None:
@@ -100,11 +144,18 @@ def _pilot_chain(engine: SamplingEngine, args: BIFArguments, chain: int) -> Tupl
         eng.weights.reset()
     limit = RISE_RATIO * sampler.equilibrium_rise()
     if not bool(torch.isfinite(losses).all()):
-        return False, math.inf, limit
+        return math.inf, limit, sharpness
     rise = _rise(losses / size, at_anchor / size, full_batch=size >= eng.stream.n)
-    if rise is None:  # nothing to compare with: finite losses are all the pilot can check
-        return True, math.nan, limit
-    return rise <= limit, rise, limit
+    return (math.nan if rise is None else rise), limit, sharpness  # None: finite losses are all it can check
+
+
+def _larger(a: float, b: float) -> float:
+    """max(a, b), with NaN (not measured) below every number."""
+    return b if math.isnan(a) else a if math.isnan(b) else max(a, b)
+
+
+def _scaled(sharpness: Optional[float], step_size: float) -> Optional[float]:
+    return None if sharpness is None or not math.isfinite(sharpness) else float(step_size) * sharpness
 
 
 def _rise(losses: torch.Tensor, at_anchor: torch.Tensor, full_batch: bool) -> Optional[float]:

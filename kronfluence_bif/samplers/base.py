@@ -135,8 +135,8 @@ class Sampler:
         "center_gradient": False,
         "control_variate": False,
     }
-    # (nbeta, localization) rungs the temperature pilot tries, hottest first, before `defaults` (BIFArguments.
-    # calibrate_temperature; engine/temperature.py); empty: the sampler has no ladder
+    # (nbeta, localization) rungs the temperature pilot tries in this order before falling back to `defaults`
+    # (BIFArguments.calibrate_temperature; engine/temperature.py); empty: the sampler has no ladder
     temperature_ladder: Tuple[Tuple[float, float], ...] = ()
     buffer_rows: int = 1  # flat work rows of numel(params): the last one holds the noise
     # noise scaled by sqrt(1 - eps/4), so a linear chain's variance is exact (the diagnostics' variance inflation)
