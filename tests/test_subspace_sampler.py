@@ -140,6 +140,29 @@ def test_chain_covariance_on_the_span_is_the_closed_form_and_zero_off_it():
     assert float(off_span.abs().max()) < 1e-12
 
 
+def test_equilibrium_rise_is_the_chains_mean_loss_rise():
+    # the temperature pilot's yardstick: with loss 1/2 w^T H w on the span, V H V^T = diag(s) in the Ritz basis, so
+    # the chain's mean loss is 1/2 sum_j s_j prec_j (equipartition, exact at any eps with the sqrt(1 - eps/4) noise)
+    d, nbeta, gamma, eps, steps, burnin = 6, 10.0, 2.0, 1.0, 8000, 50
+    h, _ = _spd([50.0, 20.0, 5.0, 1.0, 0.3, 0.1], seed=0)
+    refined = _quadratic_ritz(h, _random_span(d, 3, seed=4))
+    w, anchor = torch.zeros(d, dtype=F64), torch.zeros(d, dtype=F64)
+    sampler = SubspaceSGLD([w], [anchor], eps, nbeta, gamma, torch.Generator().manual_seed(0), refined)
+    prec = 1.0 / (nbeta * refined.eigenvalues + gamma)
+    assert sampler.equilibrium_rise() == pytest.approx(0.5 * float((refined.eigenvalues * prec).sum()), rel=1e-12)
+    losses = torch.empty(steps, dtype=F64)
+    for t in range(burnin + steps):
+        sampler.step([h @ w], batch_size=1)
+        if t >= burnin:
+            losses[t - burnin] = 0.5 * w @ h @ w
+    # var of 1/2 s a^2 with a ~ N(0, prec) is s^2 prec^2 / 2; AR(1) draws (rho = 1 - eps/2) inflate it by
+    # tau = (1 + rho^2) / (1 - rho^2)
+    rho = 1 - eps / 2
+    tau = (1 + rho**2) / (1 - rho**2)
+    sd = math.sqrt(tau * float((refined.eigenvalues**2 * prec**2).sum()) / 2 / steps)
+    assert abs(float(losses.mean()) - sampler.equilibrium_rise()) < 4 * sd
+
+
 def test_norms_are_the_moves_it_makes_and_apply_root_is_g_half():
     h, _ = _spd([9.0, 4.0, 1.0, 0.5], seed=5)
     refined = _quadratic_ritz(h, _random_span(4, 2, seed=6))
