@@ -134,6 +134,8 @@ def _pilot_chain(
                     root = sampler.apply_root  # at this rung's nbeta, as the run would probe it
                     found = probe_sharpness(eng.model, eng.views, eng.weights, eng.stream, args, root, 0.0)
                     sharpness = _scaled(found, args.step_size)
+                    if sharpness is not None and sharpness > SHARPNESS_LIMIT:  # the rung fails: no more steps
+                        return math.nan, RISE_RATIO * sampler.equilibrium_rise(), sharpness
             loss, grads = eng.gradient(eng.stream.next(), size)
             losses[k] = loss
             if eng.gradient.anchor_loss is not None:
