@@ -195,6 +195,10 @@ def test_two_processes_equal_one_with_the_defaults(one_process, two_processes):
         assert max_rel_diff(two, one) < 1e-5
         report = json.loads((two_processes / "defaults" / SCORE_DIRS[kind] / "bif_diagnostics.json").read_text())
         assert report["sampler_arguments"]["sampler"] == "subspace_sgld"
+        # the temperature pilot's verdicts are gathered: both layouts sample at the same rung
+        alone = json.loads((one_process / "defaults" / SCORE_DIRS[kind] / "bif_diagnostics.json").read_text())
+        for name in ("nbeta", "localization", "calibrate_temperature"):
+            assert report["sampler_arguments"][name] == alone["sampler_arguments"][name], name
 
 
 def test_two_processes_on_a_model_with_nothing_tracked(reference, two_processes):
