@@ -106,3 +106,14 @@ def test_a_rung_the_diagnostics_would_warn_about_is_not_stable():
     worst = temperature.Verdict.worst([temperature.Verdict(1.0, 4.0, 0.5), temperature.Verdict(math.nan, 3.0, 1.5)])
     assert (worst.rise, worst.limit, worst.sharpness) == (1.0, 3.0, 1.5)
     assert not temperature.Verdict.worst([temperature.Verdict(1.0, 4.0), temperature.Verdict(math.inf, 4.0)]).stable
+
+
+def test_a_pilot_that_raises_fails_its_rung(monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(temperature, "pilot", broken)
+    args = BIFArguments(sampler="subspace_sgld")
+    with caplog.at_level(logging.INFO, logger="kronfluence_bif"):
+        verdict = temperature._safe_pilot(None, args, [0])
+    assert not verdict.stable and "failed (RuntimeError: out of memory)" in caplog.text

@@ -50,7 +50,7 @@ def choose_temperature(engine: SamplingEngine) -> BIFArguments:
     chains = engine.state.plan(args.num_chains).chains  # this process's chains; the others pilot theirs
     for nbeta, localization in ladder:
         candidate = dataclasses.replace(args, nbeta=nbeta, localization=localization)
-        verdicts = engine.state.all_gather_object(pilot(engine, candidate, chains))
+        verdicts = engine.state.all_gather_object(_safe_pilot(engine, candidate, chains))
         verdict = Verdict.worst(verdicts)
         logger.info("Temperature pilot: nbeta %g, localization %g: %s.", nbeta, localization, verdict.describe())
         if verdict.stable:
@@ -76,7 +76,7 @@ class Verdict:
     @property
     def stable(self) -> bool:
         """Finite losses, a rise within its limit, and no `sharpness` warning to come (the diagnostics' limit)."""
-        rise_ok = math.isnan(self.rise) or self.rise <= self.limit
+        rise_ok = math.isnan(self.rise) or (math.isfinite(self.rise) and self.rise <= self.limit)
         return rise_ok and (self.sharpness is None or self.sharpness <= SHARPNESS_LIMIT)
 
     def describe(self) -> str:
@@ -93,6 +93,16 @@ class Verdict:
             limit=min(v.limit for v in verdicts),
             sharpness=max(sharp) if sharp else None,
         )
+
+
+def _safe_pilot(engine: SamplingEngine, args: BIFArguments, chains: Sequence[int]) -> Verdict:
+    """`pilot`, with an error failing the rung instead of escaping: every process must reach the gather (or the
+    others would wait for it), and the run itself meets the same error where it reports it properly."""
+    try:
+        return pilot(engine, args, chains)
+    except Exception as exc:  # noqa: BLE001 - reported by the run at the rung it falls back to
+        logger.info("Temperature pilot: nbeta %g failed (%s: %s).", args.nbeta, type(exc).__name__, exc)
+        return Verdict(rise=math.inf)
 
 
 def pilot(engine: SamplingEngine, args: BIFArguments, chains: Sequence[int]) -> Verdict:
