@@ -215,12 +215,14 @@ class BIFScorer:
                 bif_args.moment_memory_gb,
                 len(blocks),
             )
-            parts, first = [], None
+            parts, first, block_args = [], None, bif_args
             for k, block in enumerate(blocks):
                 store = self._checkpoints(req, args, bif_args, out, f"{tag}_block{k}of{len(blocks)}", state)
                 result = problem.engine(
-                    self.model, weights, bif_args, problem.x_block(block), checkpoints=store, **settings
+                    self.model, weights, block_args, problem.x_block(block), checkpoints=store, **settings
                 ).run()
+                # the same chains for every block: the first block's temperature, piloted once
+                block_args = dataclasses.replace(result.args, calibrate_temperature=False)
                 # each block's scores from its own sums: re-run chains need not be bit-identical (GPU kernels)
                 parts.append(_moment_scores(result, bif_args).cpu())
                 first = first or result

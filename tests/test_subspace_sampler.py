@@ -108,6 +108,16 @@ def test_rayleigh_ritz_and_sharpness_through_sdpa_attention_match_the_eager_atte
     assert values["sdpa"][1] == pytest.approx(values["eager"][1], rel=1e-9)
 
 
+def _quadratic_chain(d, nbeta, gamma, eps):
+    """(H, Ritz pairs on a random 3-dim span of R^d, the weights, a subspace-SGLD chain on them started at w* = 0)
+    for the potential nbeta/2 w^T H w + gamma/2 |w|^2."""
+    h, _ = _spd([50.0, 20.0, 5.0, 1.0, 0.3, 0.1], seed=0)
+    refined = _quadratic_ritz(h, _random_span(d, 3, seed=4))
+    w, anchor = torch.zeros(d, dtype=F64), torch.zeros(d, dtype=F64)
+    sampler = SubspaceSGLD([w], [anchor], eps, nbeta, gamma, torch.Generator().manual_seed(0), refined)
+    return h, refined, w, sampler
+
+
 def test_chain_covariance_on_the_span_is_the_closed_form_and_zero_off_it():
     # potential nbeta/2 w^T H w + gamma/2 |w|^2 (a linear-Gaussian posterior), full-batch gradient H w, on a
     # random 3-dim span of R^6: with Ritz pairs (s, V), the restricted Hessian is diag(nbeta s + gamma) exactly,
@@ -115,10 +125,7 @@ def test_chain_covariance_on_the_span_is_the_closed_form_and_zero_off_it():
     # eps (1 - eps/4) prec, stationary variance eps (1 - eps/4) prec / (1 - rho^2) = prec, prec = 1 / (nbeta s + gamma):
     # exactly V diag(prec) V^T at any eps < 4 (plain SGLD's would be prec / (1 - eps/4)); eps 1.5 tells them apart
     d, nbeta, gamma, eps, steps, burnin = 6, 10.0, 2.0, 1.5, 30000, 50
-    h, _ = _spd([50.0, 20.0, 5.0, 1.0, 0.3, 0.1], seed=0)
-    refined = _quadratic_ritz(h, _random_span(d, 3, seed=4))
-    w, anchor = torch.zeros(d, dtype=F64), torch.zeros(d, dtype=F64)
-    sampler = SubspaceSGLD([w], [anchor], eps, nbeta, gamma, torch.Generator().manual_seed(0), refined)
+    h, refined, w, sampler = _quadratic_chain(d, nbeta, gamma, eps)
     draws = torch.empty(steps, d, dtype=F64)
     for t in range(burnin + steps):
         sampler.step([h @ w], batch_size=1)
@@ -144,10 +151,7 @@ def test_equilibrium_rise_is_the_chains_mean_loss_rise():
     # the temperature pilot's yardstick: with loss 1/2 w^T H w on the span, V H V^T = diag(s) in the Ritz basis, so
     # the chain's mean loss is 1/2 sum_j s_j prec_j (equipartition, exact at any eps with the sqrt(1 - eps/4) noise)
     d, nbeta, gamma, eps, steps, burnin = 6, 10.0, 2.0, 1.0, 8000, 50
-    h, _ = _spd([50.0, 20.0, 5.0, 1.0, 0.3, 0.1], seed=0)
-    refined = _quadratic_ritz(h, _random_span(d, 3, seed=4))
-    w, anchor = torch.zeros(d, dtype=F64), torch.zeros(d, dtype=F64)
-    sampler = SubspaceSGLD([w], [anchor], eps, nbeta, gamma, torch.Generator().manual_seed(0), refined)
+    h, refined, w, sampler = _quadratic_chain(d, nbeta, gamma, eps)
     prec = 1.0 / (nbeta * refined.eigenvalues + gamma)
     assert sampler.equilibrium_rise() == pytest.approx(0.5 * float((refined.eigenvalues * prec).sum()), rel=1e-12)
     losses = torch.empty(steps, dtype=F64)

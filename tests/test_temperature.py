@@ -117,3 +117,20 @@ def test_a_pilot_that_raises_fails_its_rung(monkeypatch, caplog):
     with caplog.at_level(logging.INFO, logger="kronfluence_bif"):
         verdict = temperature._safe_pilot(None, args, [0])
     assert not verdict.stable and "failed (RuntimeError: out of memory)" in caplog.text
+
+
+def test_column_blocks_pilot_once_and_sample_the_same_chains(tmp_path, trained_mlp, small_data, caplog):
+    """Moment sums over budget re-run the same chains per block of training columns: the first block's pilot sets
+    the temperature of all of them (one pilot), and the blocked scores are the unblocked ones."""
+    train, query = small_data
+    task = PlainRegressionTask()
+    model = prepare_model(trained_mlp, task)
+    common = dict(num_chains=2, num_draws=30, checkpoint_interval=0)
+    whole, _ = _run(tmp_path, model, task, train, query, BIFArguments(**common), "whole")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="kronfluence_bif"):
+        blocked, ran = _run(tmp_path, model, task, train, query, BIFArguments(**common, moment_memory_gb=1e-6), "blk")
+    assert "computing" in caplog.text and "blocks of training columns" in caplog.text
+    assert caplog.text.count("Temperature pilot: nbeta 10000, localization 100:") == 1
+    assert ran["calibrate_temperature"] is True and ran["nbeta"] == 1e4
+    torch.testing.assert_close(blocked, whole, rtol=1e-5, atol=1e-7 * float(whole.abs().max()))

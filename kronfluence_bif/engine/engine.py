@@ -97,7 +97,7 @@ class SamplingEngine:
         self.evaluator = Evaluator(
             model, x, y, monitor_index, monitor_side, amp_dtype, self.device, compile_views=args.compile_evaluation
         )
-        sharpness = partial(probe_sharpness, model, views, weights, stream, args)
+        sharpness = self._sharpness_probe(args)
         self.context = SamplerContext(model, views, weights, stream, self.device, chain_seed(args.seed, 0), sharpness)
         self._temperature_settled = False  # the temperature pilot runs once, at the start of `run`
         # the control variate is exactly zero with the full batch: not computed there
@@ -141,7 +141,11 @@ class SamplingEngine:
         args = choose_temperature(self)
         if args is not self.args:
             self.args = args
-            self.context.sharpness = partial(probe_sharpness, self.model, self.views, self.weights, self.stream, args)
+            self.context.sharpness = self._sharpness_probe(args)
+
+    def _sharpness_probe(self, args: BIFArguments):
+        """The context's sharpness probe at `args`' nbeta (the scale of the tempered loss it measures)."""
+        return partial(probe_sharpness, self.model, self.views, self.weights, self.stream, args)
 
     def _run(self) -> SamplingResult:
         plan = self.state.plan(self.args.num_chains)

@@ -86,7 +86,7 @@ class Verdict:
 
     @staticmethod
     def worst(verdicts: Sequence[Verdict]) -> Verdict:
-        """The processes' verdicts as one: the largest rise and sharpness, the smallest limit."""
+        """Chains' or processes' verdicts as one: the largest rise and sharpness, the smallest limit."""
         sharp = [v.sharpness for v in verdicts if v.sharpness is not None]
         return Verdict(
             rise=functools.reduce(_larger, [v.rise for v in verdicts]),
@@ -109,15 +109,12 @@ def pilot(engine: SamplingEngine, args: BIFArguments, chains: Sequence[int]) -> 
     """The verdict of the first burn-in + PILOT_STEPS steps of `chains` with `args`, seeded as the run seeds them
     (so a run at a stable rung repeats these steps exactly); the sharpness is probed where the run probes it, after
     the first chain's burn-in; stops at the first unstable chain. The weights are back at w* afterwards."""
-    verdict = Verdict()
+    verdicts = []
     for i, chain in enumerate(chains):
-        rise, limit, sharpness = _pilot_chain(engine, args, chain, probe=i == 0)
-        verdict.rise = _larger(verdict.rise, rise)
-        verdict.limit = min(verdict.limit, limit)
-        verdict.sharpness = sharpness if i == 0 else verdict.sharpness
-        if not verdict.stable:
+        verdicts.append(Verdict(*_pilot_chain(engine, args, chain, probe=i == 0)))
+        if not verdicts[-1].stable:
             break
-    return verdict
+    return Verdict.worst(verdicts) if verdicts else Verdict()
 
 
 def _pilot_chain(
