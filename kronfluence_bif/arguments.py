@@ -126,6 +126,15 @@ class BIFArguments:
         "(subspace_sgld True, the others False).",
         default=None,
     )
+    linear_control_variate: Optional[bool] = _help(
+        "For chains that move on a span (subspace_sgld): subtract from each evaluated value its linear part on the "
+        "span, a secant at +-1 posterior standard deviation along each of the k directions (2k evaluations at w* "
+        "per run), and add that part's covariance exactly, from the quadratic posterior the chain samples on the "
+        "span. The Monte-Carlo error of the BIF's leading term goes; what the draws estimate is the rest (README, "
+        "Defaults). Needs the chain's Ritz values on the full batch (else off, one log line) and (n + q) x k floats. "
+        "None: the sampler's default (subspace_sgld True); samplers that move every weight ignore it (False).",
+        default=None,
+    )
     normalize: bool = _help("Pearson correlation instead of covariance (the paper's normalized BIF).", default=False)
     seed: int = _help("Base seed; chain c is seeded by (seed, c), independent of the number of processes.", default=0)
     rmsprop_alpha: float = _help("EMA decay of the squared-gradient average of RMSprop-SGLD.", default=0.99)
@@ -213,6 +222,8 @@ class BIFArguments:
             self.calibrate_temperature = self.nbeta is None and self.localization is None
         if self.sampler in SAMPLERS and not SAMPLERS[self.sampler].temperature_ladder:
             self.calibrate_temperature = False
+        if self.sampler in SAMPLERS and not SAMPLERS[self.sampler].samples_on_span:
+            self.linear_control_variate = False
         if self.sampler in SAMPLERS:
             self._fill_defaults()
         self.validate()
@@ -310,7 +321,7 @@ class BIFArguments:
         ):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"BIFArguments.{name} must be True or False, got {getattr(self, name)!r}.")
-        for name in ("center_gradient", "control_variate"):
+        for name in ("center_gradient", "control_variate", "linear_control_variate"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, bool):
                 raise ValueError(

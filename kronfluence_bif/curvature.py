@@ -39,6 +39,7 @@ class CurvatureSketch:
 
     basis: torch.Tensor  # [k, p], orthonormal rows, float32 (row-major: the fast layout for both products)
     eigenvalues: torch.Tensor  # [k], descending, > 0, float32
+    ritz_rows: int = 0  # > 0: the eigenvalues are Rayleigh-Ritz values of the loss Hessian over this many examples
 
     @property
     def rank(self) -> int:

@@ -3,7 +3,9 @@
 Values are shifted by their value at w* before accumulation, so E[xy] - E[x]E[y] does not lose digits to
 cancellation. A block of draws updates the cross sum with one GEMM. Chains and processes merge by adding sums:
 `place_owned` puts the columns one member of an evaluation group accumulated into the full sums, and
-`all_reduce_moments_` adds the sums of every process.
+`all_reduce_moments_` adds the sums of every process. A chain that moves on a span also keeps the moments of its
+span coordinates over the same draws (`coordinates`), which the linear control variate needs
+(`engine/linear_term.py`); they pool the same way.
 """
 
 from __future__ import annotations
@@ -12,11 +14,22 @@ from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
+SUM_NAMES = ("sum_x", "sum_y", "sum_xx", "sum_yy", "sum_xy")
+COORDINATES = "coordinates"  # state_dict prefix of the span coordinates' sums
+
 
 class CrossMoments:
     """Sums over draws of x [dim_x], y [dim_y] and their products: full y x^T, or elementwise when `diagonal`."""
 
-    def __init__(self, dim_x: int, dim_y: int, diagonal: bool = False, device: Optional[torch.device] = None) -> None:
+    def __init__(
+        self,
+        dim_x: int,
+        dim_y: int,
+        diagonal: bool = False,
+        device: Optional[torch.device] = None,
+        coordinates: int = 0,
+    ) -> None:
+        """`coordinates` > 0: also the sums of that many span coordinates per draw and of their outer products."""
         if diagonal and dim_x != dim_y:
             raise ValueError(f"diagonal moments need dim_x == dim_y, got {dim_x} and {dim_y}.")
         kw = {"dtype": torch.float64, "device": device}
@@ -27,10 +40,17 @@ class CrossMoments:
         self.sum_xx = torch.zeros(dim_x, **kw)
         self.sum_yy = torch.zeros(dim_y, **kw)
         self.sum_xy = torch.zeros(dim_x, **kw) if diagonal else torch.zeros(dim_y, dim_x, **kw)
+        # the chain's span coordinates c over the same draws, as moments of (c, c): None without a span
+        self.coordinates = CrossMoments(coordinates, coordinates, device=device) if coordinates else None
 
     @torch.no_grad()
-    def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Add a block of draws: x [k, dim_x], y [k, dim_y] (already shifted)."""
+    def update(self, x: torch.Tensor, y: torch.Tensor, coordinates: Optional[torch.Tensor] = None) -> None:
+        """Add a block of draws: x [k, dim_x], y [k, dim_y] (already shifted), and their span coordinates [k, r]
+        when these moments keep them."""
+        if (coordinates is None) != (self.coordinates is None):
+            raise ValueError("update needs the draws' span coordinates exactly when the moments keep them.")
+        if coordinates is not None:
+            self.coordinates.update(coordinates, coordinates)
         x = x.to(self.sum_x.device, torch.float64)
         y = y.to(self.sum_y.device, torch.float64)
         if x.dim() != 2 or y.dim() != 2 or x.shape[0] != y.shape[0]:
@@ -50,7 +70,21 @@ class CrossMoments:
         self.count += other.count
         for name in ("sum_x", "sum_y", "sum_xx", "sum_yy", "sum_xy"):
             getattr(self, name).add_(getattr(other, name).to(getattr(self, name).device))
+        if (self.coordinates is None) != (other.coordinates is None):
+            raise ValueError("Cannot pool moments with span coordinates and moments without.")
+        if self.coordinates is not None:
+            self.coordinates.merge_(other.coordinates)
         return self
+
+    @torch.no_grad()
+    def add_covariance_(self, delta_xy: torch.Tensor, delta_xx: torch.Tensor, delta_yy: torch.Tensor) -> None:
+        """Shift the covariance these sums give by `delta_xy` ([dim_y, dim_x], or [dim] when diagonal) and the
+        variances by `delta_xx`, `delta_yy` (a correction known in closed form, e.g. the linear control variate's)."""
+        self._check_count()
+        scale = float(self.count - 1)
+        self.sum_xy.add_(delta_xy.to(self.sum_xy), alpha=scale)
+        self.sum_xx.add_(delta_xx.to(self.sum_xx), alpha=scale)
+        self.sum_yy.add_(delta_yy.to(self.sum_yy), alpha=scale)
 
     # ------------------------------------------------------------------ results
     def _check_count(self) -> None:
@@ -85,22 +119,28 @@ class CrossMoments:
 
     # ------------------------------------------------------------------ (de)serialization for resume
     def state_dict(self) -> Dict[str, torch.Tensor]:
-        return {
+        state = {
             "count": torch.tensor([self.count], dtype=torch.int64),
             "diagonal": torch.tensor([int(self.diagonal)], dtype=torch.int64),
-            **{name: getattr(self, name).cpu() for name in ("sum_x", "sum_y", "sum_xx", "sum_yy", "sum_xy")},
+            **{name: getattr(self, name).cpu() for name in SUM_NAMES},
         }
+        if self.coordinates is not None:
+            state.update({f"{COORDINATES}.{name}": getattr(self.coordinates, name).cpu() for name in SUM_NAMES})
+        return state
 
     @classmethod
     def from_state_dict(cls, state: Dict[str, torch.Tensor], device: Optional[torch.device] = None) -> CrossMoments:
-        moments = cls(state["sum_x"].numel(), state["sum_y"].numel(), bool(int(state["diagonal"][0])), device)
+        rank = state[f"{COORDINATES}.sum_x"].numel() if f"{COORDINATES}.sum_x" in state else 0
+        dims = (state["sum_x"].numel(), state["sum_y"].numel())
+        moments = cls(*dims, bool(int(state["diagonal"][0])), device, coordinates=rank)
         moments.count = int(state["count"][0])
-        for name in ("sum_x", "sum_y", "sum_xx", "sum_yy", "sum_xy"):
+        for name in SUM_NAMES:
             getattr(moments, name).copy_(state[name])
+            if moments.coordinates is not None:
+                getattr(moments.coordinates, name).copy_(state[f"{COORDINATES}.{name}"])
+        if moments.coordinates is not None:
+            moments.coordinates.count = moments.count
         return moments
-
-
-SUM_NAMES = ("sum_x", "sum_y", "sum_xx", "sum_yy", "sum_xy")
 
 
 def place_owned(part: CrossMoments, own: torch.Tensor, dim_x: int, dim_y: int, with_y: bool) -> CrossMoments:
@@ -109,7 +149,8 @@ def place_owned(part: CrossMoments, own: torch.Tensor, dim_x: int, dim_y: int, w
     With full (not diagonal) moments every member of a group accumulates all of y, so only one (`with_y`, the
     group's leader) contributes y's sums: after the all-reduce each draw's y is counted once.
     """
-    full = CrossMoments(dim_x, dim_y, diagonal=part.diagonal, device=part.sum_x.device)
+    rank = 0 if part.coordinates is None else part.coordinates.sum_x.numel()
+    full = CrossMoments(dim_x, dim_y, diagonal=part.diagonal, device=part.sum_x.device, coordinates=rank)
     full.sum_x[own] = part.sum_x
     full.sum_xx[own] = part.sum_xx
     if part.diagonal:
@@ -120,6 +161,10 @@ def place_owned(part: CrossMoments, own: torch.Tensor, dim_x: int, dim_y: int, w
         if with_y:
             full.sum_y.copy_(part.sum_y)
             full.sum_yy.copy_(part.sum_yy)
+    if full.coordinates is not None and with_y:  # every member tracks the same chain: the leader counts it
+        full.coordinates.merge_(part.coordinates)
+    elif full.coordinates is not None:
+        full.coordinates.count = part.count
     full.count = part.count
     return full
 
@@ -133,5 +178,10 @@ def all_reduce_moments_(
     """Sum `moments` (and `extra` tensors) over processes in place with `reduce_sum_` (an all-reduce of a list);
     a process whose draws another one counts already passes `counted=False`."""
     count = torch.tensor([moments.count if counted else 0], dtype=torch.float64)
-    reduce_sum_([count, *(getattr(moments, name) for name in SUM_NAMES), *extra])
+    sums = [getattr(moments, name) for name in SUM_NAMES]
+    if moments.coordinates is not None:
+        sums += [getattr(moments.coordinates, name) for name in SUM_NAMES]
+    reduce_sum_([count, *sums, *extra])
     moments.count = int(count.item())
+    if moments.coordinates is not None:
+        moments.coordinates.count = moments.count

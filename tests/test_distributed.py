@@ -201,6 +201,17 @@ def test_two_processes_equal_one_with_the_defaults(one_process, two_processes):
             assert report["sampler_arguments"][name] == alone["sampler_arguments"][name], name
 
 
+@pytest.mark.slow  # two more launches; the sharded evaluation itself runs by default (rmsprop_sgld, just below)
+def test_three_processes_two_chains_with_the_defaults(data_dir, tmp_path):
+    """The defaults (subspace-SGLD with the linear control variate) in evaluation groups: each member's secants at
+    w* are exchanged like its draws, so 3 processes x 2 chains give the scores of 1 process x 2 chains."""
+    one = run_layouts(1, data_dir, tmp_path / "one", {"d": ["--chains", "2", "--defaults"]})
+    log = run(3, data_dir, tmp_path / "three" / "d", "--chains", "2", "--defaults")
+    assert "linear_control_variate: the values' linear part" in log
+    for kind in SCORE_DIRS:
+        assert max_rel_diff(scores(tmp_path / "three" / "d", kind), scores(one / "d", kind)) < 1e-5
+
+
 def test_two_processes_on_a_model_with_nothing_tracked(reference, two_processes):
     """torchrun on the same MLP from bare parameters (nothing to track, so no DDP wrapper): the same scores."""
     for kind in SCORE_DIRS:

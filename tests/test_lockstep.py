@@ -8,6 +8,7 @@ does not apply (a model vmap cannot batch, resumed chains) the chains run as `Ch
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Dict, List, Optional
 
 import pytest
@@ -64,15 +65,22 @@ def _run(tmp_path, model, task, data, batch_chains, self_scores=True, **bif) -> 
     return out
 
 
-@pytest.mark.parametrize("sampler", ["sgld", "rmsprop_sgld", "sketch_sgld", "subspace_sgld"])
-def test_lockstep_equals_one_chain_at_a_time(sampler, tmp_path, trained_mlp, small_data, calls):
+@pytest.mark.parametrize("sampler", ["sgld", "rmsprop_sgld", "sketch_sgld", "subspace_sgld", "subspace_full_batch"])
+def test_lockstep_equals_one_chain_at_a_time(sampler, tmp_path, trained_mlp, small_data, calls, caplog):
+    """subspace_full_batch: the full-batch gradient, so the linear control variate applies (its span coordinates
+    recorded per lane)."""
     task = PlainRegressionTask()
     model = prepare_model(trained_mlp, task)
     saved = state_copy(model)
     extra = {"sketch_rank": 8, "step_size": 0.05} if sampler == "sketch_sgld" else {}
-    extra.update({"sketch_rank": 8} if sampler == "subspace_sgld" else {})
+    extra.update({"sketch_rank": 8} if sampler.startswith("subspace") else {})
+    if sampler == "subspace_full_batch":
+        sampler, extra["sampler_batch_size"] = "subspace_sgld", len(small_data[0])
     extra["sampler"] = sampler
-    together = _run(tmp_path / "together", model, task, small_data, True, **extra)
+    with caplog.at_level(logging.INFO, logger="kronfluence_bif"):
+        together = _run(tmp_path / "together", model, task, small_data, True, **extra)
+    controlled = "linear_control_variate: the values' linear part" in caplog.text
+    assert controlled == ("sampler_batch_size" in extra)
     assert len(calls["lockstep"]) == 2
     alone = _run(tmp_path / "alone", model, task, small_data, False, **extra)
     assert calls["lockstep"] == [[0, 1], [0, 1]] and calls["probe"] == [None, None]  # pairwise, then self only

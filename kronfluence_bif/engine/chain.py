@@ -21,7 +21,7 @@ from kronfluence_bif.engine.guards import DivergenceGuard
 from kronfluence_bif.engine.seeds import chain_seed, stream_seed
 from kronfluence_bif.logs import logger
 from kronfluence_bif.moments import CrossMoments
-from kronfluence_bif.samplers import Sampler, make_sampler
+from kronfluence_bif.samplers import LinearSpan, Sampler, make_sampler
 
 if TYPE_CHECKING:
     from tqdm.auto import tqdm
@@ -66,6 +66,7 @@ class RunState:
     bar: tqdm
     bar_scale: Union[int, float]  # bar units per draw of this process: its group's share of all chains
     sharpness: Optional[float] = None  # after the first chain's burn-in (diagnostics)
+    span: Optional[LinearSpan] = None  # the chains' span, where the linear control variate applies (first chain)
 
 
 class Chain:
@@ -79,11 +80,14 @@ class Chain:
         self.traced = traced_draws(engine.args)
         self.traced_flags: List[bool] = self.traced.tolist()  # read once per draw: no tensor indexing there
         self.failure: Optional[BaseException] = None
+        # [draws_per_block, k]: the block's span coordinates, for the linear control variate (`_track_span`)
+        self.coordinates: Optional[torch.Tensor] = None
 
     def run(self) -> Tuple[CrossMoments, Dict[str, Any]]:
         eng, args, run = self.engine, self.args, self.run_state
         eng.weights.reset()
         sampler = self._make_sampler()
+        self._track_span(sampler)
         eng.stream.reset(torch.Generator().manual_seed(stream_seed(args.seed, self.chain)))
         resumed = self._load()
         if resumed is not None:
@@ -124,11 +128,23 @@ class Chain:
         generator = torch.Generator(device=eng.device).manual_seed(chain_seed(self.args.seed, self.chain))
         return make_sampler(self.args, eng.weights.masters, eng.weights.anchors, generator, eng.context)
 
+    def _track_span(self, sampler: Sampler) -> None:
+        """Keep the draws' span coordinates when the linear control variate applies (the run's span: the first)."""
+        span = sampler.linear_span() if self.args.linear_control_variate else None
+        if span is None:
+            return
+        if self.run_state.span is None:
+            self.run_state.span = span
+        self.coordinates = torch.empty(
+            self.args.draws_per_block, span.rank, dtype=torch.float64, device=self.engine.device
+        )
+
     def _new_moments(self) -> CrossMoments:
         lay, diagonal = self.run_state.layout, self.engine.diagonal
         own_x = lay.dim_x if lay.own is None else lay.own.numel()
         own_y = own_x if diagonal else lay.dim_y
-        return CrossMoments(own_x, own_y, diagonal=diagonal, device=self.engine.device)
+        rank = 0 if self.coordinates is None else self.coordinates.shape[1]
+        return CrossMoments(own_x, own_y, diagonal=diagonal, device=self.engine.device, coordinates=rank)
 
     def _burn_in(self, sampler: Sampler) -> None:
         """The discarded steps, then the preconditioner frozen and (first chain) the sharpness measured."""
@@ -183,10 +199,15 @@ class Chain:
             self._step(sampler, step)
             step += 1
         eng.evaluator.evaluate(run.buffer[row], run.layout.mine)
+        self._record_coordinates(sampler, row)
         if traced:  # one write for the four step traces (rows of one tensor): distance, then the move norms
             distance = eng.weights.distance_from_anchor()
             run.step_traces[:, self.chain, draw] = torch.cat([distance.view(1), sampler.last_norms.to(distance)])
         return step
+
+    def _record_coordinates(self, sampler: Sampler, row: int) -> None:
+        if self.coordinates is not None:
+            self.coordinates[row].copy_(sampler.span_coordinates())
 
     def _flush(self, moments: CrossMoments, filled: int, first: int) -> None:
         """Exchange the group's shards, check, shift by the values at w*, reduce, and add the block."""
@@ -198,7 +219,8 @@ class Chain:
         run.guard.check_block(mean_loss, block, self.chain, first)
         run.traces["mean_train_loss"][self.chain, first : first + filled] = mean_loss
         run.traces["mean_measurement"][self.chain, first : first + filled] = evaluator.mean_measurement(block, lay)
-        moments.update(*evaluator.centered(block, run.shift, lay, eng.diagonal))
+        coordinates = None if self.coordinates is None else self.coordinates[:filled]
+        moments.update(*evaluator.centered(block, run.shift, lay, eng.diagonal), coordinates)
 
     # ------------------------------------------------------------------ group failures
     def _defer(self, exc: BaseException) -> BaseException:

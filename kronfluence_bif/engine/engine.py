@@ -29,6 +29,7 @@ from kronfluence_bif.engine.chain import STEP_TRACES, TRACE_NAMES, RunState, tra
 from kronfluence_bif.engine.evaluation import Evaluator, Side, monitor_rows
 from kronfluence_bif.engine.gradients import StepGradient
 from kronfluence_bif.engine.guards import DivergenceGuard, probe_sharpness
+from kronfluence_bif.engine.linear_term import LinearControlVariate
 from kronfluence_bif.engine.lockstep import run_chains
 from kronfluence_bif.engine.seeds import chain_seed
 from kronfluence_bif.engine.temperature import choose_temperature
@@ -201,6 +202,22 @@ class SamplingEngine:
             bar_scale=int(scale) if scale.is_integer() else scale,  # "32/1600", not "32.0/1600"
         )
 
+    def _apply_linear_term(self, total: CrossMoments, run: RunState) -> None:
+        """The linear control variate on the pooled moments, where the chains moved on an exact span."""
+        if run.span is None:
+            if self.args.linear_control_variate:
+                logger.info(
+                    "linear_control_variate: off for this run (the sampler's curvature on its span is not the "
+                    "chains' own: a minibatch sampler_batch_size, or no double backward through the Task's loss)."
+                )
+            return
+        logger.info(
+            "linear_control_variate: the values' linear part on the %d-dimensional span, by %d evaluations at w*.",
+            run.span.rank,
+            2 * run.span.rank,
+        )
+        LinearControlVariate.by_secants(self, run, run.span).apply_(total)
+
     def _pool(self, total: CrossMoments, run: RunState, summaries: List[Dict[str, Any]]) -> SamplingResult:
         """Add the sums of every process (each chain counted once: by the leader of its group)."""
         plan, lay, state, traces = run.plan, run.layout, self.state, run.traces
@@ -216,6 +233,7 @@ class SamplingEngine:
             summaries = sorted((s for part, _ in gathered for s in part), key=lambda s: s["chain"])
             found = [v for _, v in gathered if v is not None]
             sharpness = max(found) if found else None
+        self._apply_linear_term(total, run)
         # untraced draws (between STEP_TRACE_INTERVAL-th draws, or all without step_diagnostics) read NaN, not 0
         run.step_traces[:, :, ~traced_draws(self.args).to(run.step_traces.device)] = math.nan
         return SamplingResult(

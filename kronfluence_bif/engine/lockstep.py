@@ -189,6 +189,7 @@ class Lane(Chain):
         self.stream = MinibatchStream(engine.stream.source, engine.stream.batch_size)
         self.stream.reset(torch.Generator().manual_seed(stream_seed(self.args.seed, chain)))
         self.sampler = self._make_sampler()
+        self._track_span(self.sampler)
         self.moments = self._new_moments()
 
     def _make_sampler(self) -> Sampler:
@@ -232,6 +233,7 @@ class Lockstep:
             Lane(engine, run, chain, [t[k] for t in self.stacked.values()], self.buffers[k])
             for k, chain in enumerate(chains)
         ]
+        run.span = run.span or self.lanes[0].run_state.span  # set on the lanes' copies of the run's state
 
     def run(self) -> Dict[int, Result]:
         args, lanes = self.args, self.lanes
@@ -323,6 +325,8 @@ class Lockstep:
             self._step(step)
             step += 1
         self._evaluate(self.buffers[:, row])
+        for lane in self.lanes:
+            lane._record_coordinates(lane.sampler, row)
         if traced:  # as `Chain._draw`: distance, then the move norms, one write per chain
             for lane in self.lanes:
                 distance = lane.distance_from_anchor()

@@ -7,6 +7,7 @@ four (`sgld`, `rmsprop_sgld`, `sketch_sgld`, `subspace_sgld`). A new sampler: su
 
 from kronfluence_bif.samplers.base import (
     SAMPLERS,
+    LinearSpan,
     Sampler,
     SamplerContext,
     make_sampler,
@@ -19,6 +20,7 @@ from kronfluence_bif.samplers.sketch import SketchSGLD
 from kronfluence_bif.samplers.subspace import SubspaceSGLD
 
 __all__ = [
+    "LinearSpan",
     "RMSpropSGLD",
     "SAMPLERS",
     "SGLD",

@@ -15,7 +15,9 @@ low-rank sketch (`sketch_sgld`, which fuses the whole update into one GEMM pair)
 - `state_dict()/load_state_dict()`: what a resumed chain needs besides the weights;
 - diagnostics: `track_norms`/`last_norms` (the step's three move norms), `apply_root` (v -> G^1/2 v), `freeze()`;
 - optionally `temperature_ladder`, the (nbeta, localization) rungs of the temperature pilot, with
-  `equilibrium_rise()` (the loss rise a healthy chain settles at) as its yardstick.
+  `equilibrium_rise()` (the loss rise a healthy chain settles at) as its yardstick;
+- optionally, for a chain that moves on a fixed span (`samples_on_span`), `linear_span()` (the span and the
+  quadratic posterior's variance there) and `span_coordinates()`: what the linear control variate needs.
 
 A new sampler is one module that subclasses `Sampler` and is decorated with `register_sampler("its_name")`.
 """
@@ -77,6 +79,20 @@ def make_sampler(
 
 
 @dataclass
+class LinearSpan:
+    """The span a chain moves on, w = w* + basis^T c, and the variance of each coordinate c_j under the quadratic
+    posterior the chain samples exactly when the potential is quadratic on the span (the linear control variate's
+    known covariance, `engine/linear_term.py`)."""
+
+    basis: torch.Tensor  # [k, p]: orthonormal rows over the flattened sampled weights
+    variance: torch.Tensor  # [k] float64
+
+    @property
+    def rank(self) -> int:
+        return int(self.variance.numel())
+
+
+@dataclass
 class SamplerContext:
     """What a sampler may use besides its weights: the model and data at w*, and a curvature probe.
 
@@ -134,6 +150,7 @@ class Sampler:
         "sketch_rank": 128,
         "center_gradient": False,
         "control_variate": False,
+        "linear_control_variate": False,
     }
     # (nbeta, localization) rungs the temperature pilot tries in this order before falling back to `defaults`
     # (BIFArguments.calibrate_temperature; engine/temperature.py); empty: the sampler has no ladder
@@ -141,6 +158,8 @@ class Sampler:
     buffer_rows: int = 1  # flat work rows of numel(params): the last one holds the noise
     # noise scaled by sqrt(1 - eps/4), so a linear chain's variance is exact (the diagnostics' variance inflation)
     exact_linear_variance: bool = False
+    # the chain moves on a fixed span only (`linear_span`, `span_coordinates`): BIFArguments.linear_control_variate
+    samples_on_span: bool = False
 
     def __init__(
         self,
@@ -259,6 +278,16 @@ class Sampler:
         self.anchor_drift = [
             torch.mul(g.to(device=p.device, dtype=p.dtype), self.nbeta) for g, p in zip(anchor_gradient, self.params)
         ]
+
+    # ------------------------------------------------------------------ the span (samplers that move on one)
+    def linear_span(self) -> Optional[LinearSpan]:
+        """The span this chain moves on and its quadratic posterior's variances, where they are exact for the chain
+        (None otherwise: every weight moves, or the variances are approximate)."""
+        return None
+
+    def span_coordinates(self) -> torch.Tensor:
+        """[k]: the chain's coordinates on `linear_span()`, basis (w - w*), read after a step (not a copy)."""
+        raise NotImplementedError(f"{type(self).__name__} does not move on a span.")
 
     # ------------------------------------------------------------------ diagnostics and resume
     def freeze(self) -> None:

@@ -21,7 +21,7 @@ import torch
 
 from kronfluence_bif.curvature import CurvatureSketch, double_backward
 from kronfluence_bif.logs import logger, warn_once
-from kronfluence_bif.samplers.base import RootFn, SamplerContext, Vectors, register_sampler, split_like
+from kronfluence_bif.samplers.base import LinearSpan, RootFn, SamplerContext, Vectors, register_sampler, split_like
 from kronfluence_bif.samplers.sketch import SketchSGLD, build_sketch, check_dimensionless
 
 if TYPE_CHECKING:
@@ -54,12 +54,14 @@ class SubspaceSGLD(SketchSGLD):
         "sketch_rank": 256,
         "center_gradient": True,
         "control_variate": True,
+        "linear_control_variate": True,
     }
     # in order of preference: hotter at the defaults' damping 0.01 (UCI LDS 0.307 -> 0.347; digits diverges at
     # 3e4 / 3e2), then damping 3e-3 at the defaults' localization (digits 0.389 -> 0.425, two seeds)
     temperature_ladder = ((1e4, 1e2), (3e4, 3e2), (3e5, 1e3))
     buffer_rows = 2  # loss drift, w - w*; the noise is drawn on the span (k numbers, not p)
     exact_linear_variance = True
+    samples_on_span = True
 
     def __init__(
         self,
@@ -70,10 +72,14 @@ class SubspaceSGLD(SketchSGLD):
         localization: float,
         generator: torch.Generator,
         sketch: CurvatureSketch,
+        exact_span: bool = False,
     ) -> None:
+        """`exact_span`: the sketch's eigenvalues are the chain's own curvature on the span (Rayleigh-Ritz values of
+        the loss the chain's full-batch gradient follows), so `linear_span` offers the quadratic posterior there."""
         super().__init__(params, anchors, step_size, nbeta, localization, generator, sketch)
         curvature = sketch.eigenvalues.double().clamp_min(0.0)
         precision = self.nbeta * curvature + self.localization
+        self._variance = (1.0 / precision) if exact_span else None  # float64: the linear control variate's
         self.prec = (1.0 / precision).to(self.basis.dtype)
         self._rise = 0.5 * float((curvature / precision).sum())  # equipartition on the span: 1/2 sum s / (nbeta s + g)
         # sqrt(1 - eps/4): the AR(1) a linear chain is on each Ritz direction then has exactly the target variance
@@ -103,11 +109,24 @@ class SubspaceSGLD(SketchSGLD):
             _check_rank(sketch, args, context)
             context.cache[SUBSPACE_CACHE_KEY] = refine_sketch(sketch, context)
         sketch = context.cache[SUBSPACE_CACHE_KEY]
-        return cls(params, anchors, args.step_size, args.nbeta, args.localization, generator, sketch)
+        n = context.stream.n
+        exact = sketch.ritz_rows >= n and context.stream.batch_size >= n  # full-batch Ritz values and gradient
+        return cls(params, anchors, args.step_size, args.nbeta, args.localization, generator, sketch, exact)
 
     def equilibrium_rise(self) -> float:
         """1/2 sum_j s_j / (nbeta s_j + gamma) over the span's Ritz values: the quadratic posterior's mean loss rise."""
         return self._rise
+
+    def linear_span(self) -> Optional[LinearSpan]:
+        """The span V and 1 / (nbeta s + gamma), the chain's exact variance on each Ritz direction where the
+        potential is quadratic; None where the Ritz values are not the chain's (a minibatch, or no double backward)."""
+        return None if self._variance is None else LinearSpan(self.basis, self._variance)
+
+    def span_coordinates(self) -> torch.Tensor:
+        """c = V^T (w - w*), tracked by the step (zeros before the first step of a new chain)."""
+        if self._coef is None:
+            self._offset()
+        return self._coef
 
     # ------------------------------------------------------------------ the update, fused
     def _sample_noise(self) -> Vectors:
@@ -215,7 +234,7 @@ def positive_curvature(sketch: CurvatureSketch) -> CurvatureSketch:
             "subspace_sgld: the train loss has no positive curvature on the sketch span at w* (is the model "
             "trained?); use sampler='rmsprop_sgld'."
         )
-    return CurvatureSketch(basis=sketch.basis[positive].contiguous(), eigenvalues=sketch.eigenvalues[positive])
+    return CurvatureSketch(sketch.basis[positive].contiguous(), sketch.eigenvalues[positive], sketch.ritz_rows)
 
 
 def rayleigh_ritz(
@@ -236,7 +255,7 @@ def rayleigh_ritz(
     if not bool(torch.isfinite(values).all()):
         raise FloatingPointError("the Hessian-vector products are not finite")
     rotated = (vectors.T @ basis.double()).to(basis.dtype).contiguous()
-    return CurvatureSketch(basis=rotated, eigenvalues=values.to(sketch.eigenvalues))
+    return CurvatureSketch(basis=rotated, eigenvalues=values.to(sketch.eigenvalues), ritz_rows=batch_size)
 
 
 def _hessian_rows(loss: Callable[[], torch.Tensor], params: List[torch.Tensor], basis: torch.Tensor) -> torch.Tensor:

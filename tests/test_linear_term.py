@@ -1,0 +1,208 @@
+"""The linear control variate (`engine/linear_term.py`): exact on a quadratic posterior, its algebra, when it is off.
+
+On a linear model with squared loss, l_i(w) = 0.5 (x_i.w - y_i)^2, subspace-SGLD with a span covering every weight
+samples N(w*, S) with S = Lambda^-1, Lambda = (nbeta / n) X^T X + gamma I, and at step_size 2 its draws are i.i.d.
+(the chain's AR(1) coefficient 1 - eps/2 is zero). Then Cov(l_i, l_j) = r_i r_j s_ij + s_ij^2 / 2 (s = X S X^T,
+r = y - X w*), and the control variate takes the first term exactly: only the second needs the draws. The tolerance
+is the estimator's own spread, simulated with i.i.d. draws from N(0, S).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from conftest import make_mlp, make_regression, state_copy
+from kronfluence.task import Task
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from kronfluence_bif import Analyzer, BIFArguments, prepare_model
+from kronfluence_bif.engine.linear_term import LinearControlVariate
+from kronfluence_bif.moments import CrossMoments
+
+F64 = torch.float64
+N_TRAIN, N_QUERY, DIM = 40, 6, 4
+NBETA, GAMMA = 400.0, 20.0
+CHAINS, DRAWS = 2, 200
+
+
+class SampledHalfSquares(Task):
+    """0.5 (x.w - y)^2 per example; sample=True draws y around the model's output (the sketch's Fisher)."""
+
+    def compute_train_loss(self, batch, model, sample=False):
+        x, y = batch
+        out = model(x).reshape(y.shape)
+        if sample:
+            y = torch.normal(out.detach(), torch.ones_like(out))
+        return 0.5 * (out - y).pow(2).sum()
+
+    def compute_measurement(self, batch, model):
+        return self.compute_train_loss(batch, model)
+
+
+def _linear_problem():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(N_TRAIN + N_QUERY, DIM, generator=gen)
+    y = x @ torch.tensor([1.0, -0.5, 0.25, 2.0]) + 0.7 * torch.randn(N_TRAIN + N_QUERY, generator=gen)
+    w_star = torch.linalg.lstsq(x[:N_TRAIN].double(), y[:N_TRAIN, None].double()).solution[:, 0].float()
+    model = nn.Sequential(nn.Linear(DIM, 1, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(w_star[None, :])
+    return x, y, model
+
+
+def _posterior(x, y, model):
+    """(S, r): the posterior covariance and the residuals y - X w* (float64)."""
+    xd, w = x.double(), model[0].weight.detach().double()[0]
+    lam = NBETA / N_TRAIN * xd[:N_TRAIN].T @ xd[:N_TRAIN] + GAMMA * torch.eye(DIM, dtype=F64)
+    return torch.linalg.inv(lam), y.double() - xd @ w
+
+
+def _estimates(draws, x, r):
+    """(raw, control variate) estimates of Cov(l_i, l_j) [all, all] from draws [N, DIM] of w - w* ~ N(0, S)."""
+    xd = x.double()
+    u = draws @ xd.T  # x_i.(w - w*)
+    values, linear = 0.5 * (u - r) ** 2, -r * u
+
+    def cov(a, b):
+        a, b = a - a.mean(0), b - b.mean(0)
+        return a.T @ b / (a.shape[0] - 1)
+
+    return cov(values, values), cov(values, values) - cov(linear, linear)
+
+
+def _simulated_errors(s_cov, x, r, expected, replicas=200):
+    """RMS relative Frobenius errors of the raw and the controlled estimate (their exact linear part added) over
+    i.i.d. replicas of CHAINS x DRAWS draws: the estimators' own spread."""
+    gen = torch.Generator().manual_seed(1)
+    root = torch.linalg.cholesky(s_cov)
+    xd = x.double()
+    exact_linear = (r[:, None] * r[None, :]) * (xd @ s_cov @ xd.T)
+    errors = []
+    for _ in range(replicas):
+        draws = torch.randn(CHAINS * DRAWS, DIM, generator=gen, dtype=F64) @ root.T
+        raw, controlled = _estimates(draws, x, r)
+        errors.append([(est - expected).norm() / expected.norm() for est in (raw, controlled + exact_linear)])
+    return torch.tensor(errors).square().mean(0).sqrt()
+
+
+def _scores(tmp_path, model, task, x, y, name, **bif):
+    args = BIFArguments(
+        sampler="subspace_sgld",
+        num_chains=CHAINS,
+        num_draws=DRAWS,
+        num_burnin_steps=5,
+        step_size=2.0,
+        nbeta=NBETA,
+        localization=GAMMA,
+        sketch_rank=DIM,
+        seed=3,
+        num_threads=1,
+        **bif,
+    )
+    train, query = TensorDataset(x[:N_TRAIN], y[:N_TRAIN]), TensorDataset(x[N_TRAIN:], y[N_TRAIN:])
+    analyzer = Analyzer(name, model, task, cpu=True, output_dir=str(tmp_path), disable_tqdm=True, strategy="bif")
+    analyzer.fit_all_factors("f", dataset=train, bif_args=args)
+    kw = dict(per_device_train_batch_size=N_TRAIN)
+    analyzer.compute_pairwise_scores("pw", "f", query, train, per_device_query_batch_size=N_QUERY, **kw)
+    analyzer.compute_self_scores("self", "f", train, **kw)
+    pairwise = analyzer.load_pairwise_scores("pw")["all_modules"].double()
+    return pairwise, analyzer.load_self_scores("self")["all_modules"].double()
+
+
+def test_on_a_quadratic_posterior_the_leading_term_is_exact_and_only_the_rest_is_sampled(tmp_path, caplog):
+    x, y, model = _linear_problem()
+    task = SampledHalfSquares()
+    model = prepare_model(model, task)
+    s_cov, r = _posterior(x, y, model)
+    s = x.double() @ s_cov @ x.double().T
+    cov = r[:, None] * r[None, :] * s + 0.5 * s**2
+    expected = {"pairwise": cov[N_TRAIN:, :N_TRAIN], "self": cov.diagonal()[:N_TRAIN]}
+    with caplog.at_level(logging.INFO, logger="kronfluence_bif"):
+        controlled = _scores(tmp_path / "on", model, task, x, y, "on")
+    assert "linear part on the 4-dimensional span, by 8 evaluations" in caplog.text
+    raw = _scores(tmp_path / "off", model, task, x, y, "off", linear_control_variate=False)
+
+    full = cov.clone()
+    rms_raw, rms_controlled = _simulated_errors(s_cov, x, r, full)
+    print(f"simulated RMS relative errors: raw {float(rms_raw):.4f}, controlled {float(rms_controlled):.4f}")
+    assert rms_controlled < rms_raw / 3  # what the control variate is for: here the first term dominates
+    for kind, on, off in zip(("pairwise", "self"), controlled, raw):
+        err_on = float((on - expected[kind]).norm() / expected[kind].norm())
+        err_off = float((off - expected[kind]).norm() / expected[kind].norm())
+        print(f"{kind}: relative error {err_on:.4f} with the control variate, {err_off:.4f} without")
+        # the sub-blocks' errors are of the order of the full matrix's; 4 x its RMS is far in the tail
+        assert err_on < 4 * float(rms_controlled), kind
+        assert err_off < 4 * float(rms_raw), kind
+        assert err_on < err_off, kind
+
+
+def _moments_with_coordinates(draws=400, dim_x=5, dim_y=3, rank=4, diagonal=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    c = torch.randn(draws, rank, generator=gen, dtype=F64) * torch.tensor([1.0, 0.5, 2.0, 0.1], dtype=F64)
+    x = c @ torch.randn(rank, dim_x, generator=gen, dtype=F64) + 0.1 * torch.randn(draws, dim_x, generator=gen)
+    y = x if diagonal else c @ torch.randn(rank, dim_y, generator=gen, dtype=F64)
+    moments = CrossMoments(dim_x, y.shape[1], diagonal=diagonal, coordinates=rank)
+    moments.update(x, y, c)
+    return moments, x, y, c
+
+
+@pytest.mark.parametrize("diagonal", [False, True])
+def test_the_correction_is_j_times_the_variance_gap_times_j(diagonal):
+    moments, x, y, c = _moments_with_coordinates(diagonal=diagonal)
+    gen = torch.Generator().manual_seed(5)
+    jx = torch.randn(x.shape[1], 4, generator=gen, dtype=F64)
+    jy = jx if diagonal else torch.randn(y.shape[1], 4, generator=gen, dtype=F64)
+    variance = torch.tensor([1.2, 0.2, 3.0, 0.02], dtype=F64)
+    term = LinearControlVariate(jx, jy, variance)
+    gap = torch.diag(variance) - torch.cov(c.T)
+    before_xy, before_x, before_y = moments.covariance(), moments.variance_x(), moments.variance_y()
+    term.apply_(moments)
+    full = jy @ gap @ jx.T
+    expected_xy = full.diagonal() if diagonal else full
+    assert torch.allclose(moments.covariance() - before_xy, expected_xy, atol=1e-12)
+    assert torch.allclose(moments.variance_x() - before_x, (jx @ gap @ jx.T).diagonal(), atol=1e-12)
+    assert torch.allclose(moments.variance_y() - before_y, (jy @ gap @ jy.T).diagonal(), atol=1e-12)
+    assert moments.coordinates is None  # consumed: a second apply_ refuses
+    with pytest.raises(ValueError, match="span coordinates"):
+        term.apply_(moments)
+
+
+def test_the_draws_coordinates_pool_resume_and_are_asked_for():
+    whole, x, y, c = _moments_with_coordinates()
+    halves = [CrossMoments(5, 3, coordinates=4) for _ in range(2)]
+    halves[0].update(x[:150], y[:150], c[:150])
+    halves[1].update(x[150:], y[150:], c[150:])
+    pooled = CrossMoments.from_state_dict(halves[0].state_dict()).merge_(halves[1])
+    assert torch.allclose(pooled.coordinates.covariance(), whole.coordinates.covariance(), atol=1e-12)
+    assert torch.allclose(pooled.coordinates.covariance(), torch.cov(c.T), atol=1e-12)
+    with pytest.raises(ValueError, match="span coordinates"):
+        CrossMoments(5, 3).merge_(pooled)
+    with pytest.raises(ValueError, match="span coordinates"):
+        pooled.update(x[:2], y[:2])
+
+
+def _mlp_run(tmp_path, name, **bif):
+    train, query = make_regression(48, seed=0), make_regression(10, seed=1)
+    task = SampledHalfSquares()
+    model = prepare_model(make_mlp(), task)
+    args = dict(sampler="subspace_sgld", num_chains=2, num_draws=16, num_burnin_steps=3, sketch_rank=8)
+    args.update(nbeta=1e3, localization=1e2, num_threads=1, **bif)
+    analyzer = Analyzer(name, model, task, cpu=True, output_dir=str(tmp_path), disable_tqdm=True, strategy="bif")
+    analyzer.fit_all_factors("f", dataset=train, bif_args=BIFArguments(**args))
+    analyzer.compute_pairwise_scores("pw", "f", query, train, per_device_query_batch_size=5)
+    return analyzer.load_pairwise_scores("pw")["all_modules"], state_copy(model)
+
+
+def test_off_where_the_span_is_not_the_chains_own_and_for_samplers_that_move_every_weight(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="kronfluence_bif"):
+        minibatch, _ = _mlp_run(tmp_path / "a", "a", sampler_batch_size=16)  # Ritz values of a minibatch
+    assert "linear_control_variate: off for this run" in caplog.text
+    plain, _ = _mlp_run(tmp_path / "b", "b", sampler_batch_size=16, linear_control_variate=False)
+    assert torch.equal(minibatch, plain)
+    assert BIFArguments(sampler="rmsprop_sgld", linear_control_variate=True).linear_control_variate is False
+    assert BIFArguments(sampler="subspace_sgld").linear_control_variate is True
+    with pytest.raises(ValueError, match="linear_control_variate"):
+        BIFArguments(linear_control_variate="yes")
