@@ -72,7 +72,12 @@ class BIFArguments:
         default=AUTO_SAMPLER,
     )
     num_chains: int = _help("Number of independent chains (C in the paper).", default=4)
-    num_draws: int = _help("Draws kept per chain (T in the paper).", default=400)
+    num_draws: Optional[int] = _help(
+        "Draws kept per chain (T in the paper). None: the sampler's default (subspace_sgld 100 with its full-batch "
+        "gradient: its linear control variate takes the BIF's leading term exactly, so the draws only estimate the "
+        "rest; 400 for the others and for subspace_sgld with a set sampler_batch_size).",
+        default=None,
+    )
     num_burnin_steps: Optional[int] = _help(
         "SGLD steps discarded at the start of each chain (b in the paper). None: the sampler's default "
         "(subspace_sgld 20, the others 100).",
@@ -232,7 +237,7 @@ class BIFArguments:
         cls = SAMPLERS[self.sampler]
         if self.step_size is None:
             self.step_size = cls.default_step_size
-        for name, value in cls.defaults.items():
+        for name, value in cls.argument_defaults(self).items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
 
@@ -261,9 +266,9 @@ class BIFArguments:
     def validate(self) -> None:
         """Raise ValueError naming the first invalid field and its allowed range."""
         self._check_sampler()
-        for name in ("num_chains", "num_draws", "draw_interval", "draws_per_block"):
+        for name in ("num_chains", "draw_interval", "draws_per_block"):
             _check_int(name, getattr(self, name), minimum=1)
-        for name, minimum in (("sampler_batch_size", 1), ("sketch_rank", 1), ("num_burnin_steps", 0)):
+        for name, minimum in (("num_draws", 1), ("sampler_batch_size", 1), ("sketch_rank", 1), ("num_burnin_steps", 0)):
             if getattr(self, name) is not None:  # None: the sampler's default (resolved with the model)
                 _check_int(name, getattr(self, name), minimum=minimum)
         _check_int("seed", self.seed, minimum=0)
@@ -280,7 +285,7 @@ class BIFArguments:
                 "BIFArguments.batch_chains must be None (on CUDA devices only), True or False, got "
                 f"{self.batch_chains!r}."
             )
-        if self.num_chains * self.num_draws < 2:
+        if self.num_draws is not None and self.num_chains * self.num_draws < 2:
             raise ValueError(
                 "BIFArguments needs at least 2 draws in total (num_chains * num_draws >= 2) to estimate a covariance, "
                 f"got num_chains={self.num_chains}, num_draws={self.num_draws}."

@@ -204,5 +204,12 @@ def test_off_where_the_span_is_not_the_chains_own_and_for_samplers_that_move_eve
     assert torch.equal(minibatch, plain)
     assert BIFArguments(sampler="rmsprop_sgld", linear_control_variate=True).linear_control_variate is False
     assert BIFArguments(sampler="subspace_sgld").linear_control_variate is True
+    # the draws: fewer where the control variate takes the leading term (full batch), as many as before elsewhere
+    assert BIFArguments(sampler="subspace_sgld").num_draws == 100
+    assert BIFArguments(sampler="subspace_sgld", sampler_batch_size=16).num_draws == 400
+    assert BIFArguments(sampler="rmsprop_sgld").num_draws == 400
+    assert BIFArguments().resolved(30_000, 900, 1000).num_draws == 100  # auto: full batch
+    assert BIFArguments().resolved(30_000, 90_000, 1000).num_draws == 400  # auto: a minibatch
+    assert BIFArguments(num_draws=7).resolved(30_000, 900, 1000).num_draws == 7
     with pytest.raises(ValueError, match="linear_control_variate"):
         BIFArguments(linear_control_variate="yes")

@@ -151,6 +151,7 @@ class Sampler:
         "center_gradient": False,
         "control_variate": False,
         "linear_control_variate": False,
+        "num_draws": 400,
     }
     # (nbeta, localization) rungs the temperature pilot tries in this order before falling back to `defaults`
     # (BIFArguments.calibrate_temperature; engine/temperature.py); empty: the sampler has no ladder
@@ -193,6 +194,11 @@ class Sampler:
         self.last_norms: Optional[torch.Tensor] = None
 
     # ------------------------------------------------------------------ declared by each sampler
+    @classmethod
+    def argument_defaults(cls, args: BIFArguments) -> Dict[str, Any]:
+        """The values of `args`' fields left None (`defaults`, unless a sampler's depend on other settings)."""
+        return dict(cls.defaults)
+
     @classmethod
     def check_arguments(cls, args: BIFArguments) -> None:
         """The localization term alone must not make the chain oscillate and diverge (step x gamma x max G < 4)."""
