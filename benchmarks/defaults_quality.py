@@ -4,8 +4,9 @@
     python benchmarks/defaults_quality.py --task digits --retrains 40
     python benchmarks/defaults_quality.py --task uci --retrains 60 --fraction 0.1
 
-`BIFArguments()` (sampler="auto": subspace_sgld on these MLPs) and `BIFArguments(sampler="rmsprop_sgld")` (the
-defaults before 0.6), 4 chains x 400 draws each, through the Analyzer on one thread; the same retrains on random
+`BIFArguments()` (sampler="auto": subspace_sgld on these MLPs, 4 chains x 100 draws with the linear control
+variate) and `BIFArguments(sampler="rmsprop_sgld")` (the defaults before 0.6, 4 chains x 400 draws), through the
+Analyzer on one thread; the same retrains on random
 halves as `error_budget.py` (cached in --cache). `--overrides` adds a JSON dict of BIFArguments fields to both BIF
 rows. Prints one JSON line per row.
 """
@@ -47,7 +48,7 @@ def main() -> None:
         for what, fields in rows:
             bif = BIFArguments(**{"checkpoint_interval": 0, "seed": seed, **fields})
             scores, seconds = setup.score(analyzer, "bif", "bif", bif)
-            health = chain_health(setup.out / name / "scores_bif", bif.num_draws)
+            health = chain_health(setup.out / name / "scores_bif")
             row = {"what": f"{what} seed {seed}", "lds": setup.lds(scores), "spearman": agreement(ekfac, scores)[0]}
             print_row({**row, "seconds": seconds, **health})
 

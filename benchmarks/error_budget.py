@@ -32,7 +32,7 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -177,10 +177,12 @@ class Linearization:
         return -(out.log_softmax(-1).gather(-1, self.targets.expand(len(out), -1)[..., None])[..., 0])
 
 
-def chain_health(scores_dir: Path, num_draws: int) -> Dict[str, float]:
-    """R-hat of the mean train loss and the mean ESS fraction per chain, from a run's bif_diagnostics.json."""
+def chain_health(scores_dir: Path, num_draws: Optional[int] = None) -> Dict[str, float]:
+    """R-hat of the mean train loss and the mean ESS fraction per chain, from a run's bif_diagnostics.json (the
+    draws per chain the run sampled with unless given)."""
     diag = json.loads((scores_dir / "bif_diagnostics.json").read_text())
     ess = [c["ess_mean_train_loss"] for c in diag["chains"]]
+    num_draws = num_draws or diag["sampler_arguments"]["num_draws"]
     return {"rhat": diag["rhat_mean_train_loss"], "ess_fraction": float(np.mean(ess)) / num_draws}
 
 

@@ -321,7 +321,8 @@ def _score_all(
     for name, _, strategy in METHODS:
         logger.info("Scoring with %s ...", strategy)
         results[name] = score_method(analyzer, problem, name, strategy)
-    logger.info("Scoring with BIF (%d chains x %d draws) ...", bif_args.num_chains, bif_args.num_draws)
+    draws = "the sampler's default" if bif_args.num_draws is None else bif_args.num_draws
+    logger.info("Scoring with BIF (%d chains x %s draws) ...", bif_args.num_chains, draws)
     results[BIF_METHOD] = score_method(analyzer, problem, BIF_METHOD, "bif", bif_args)
     return results
 
