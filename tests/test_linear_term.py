@@ -15,10 +15,11 @@ import pytest
 import torch
 from conftest import make_mlp, make_regression, state_copy
 from kronfluence.task import Task
+from test_per_token import Bigram, T, TokenData, TokenTask
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from kronfluence_bif import Analyzer, BIFArguments, prepare_model
+from kronfluence_bif import Analyzer, BIFArguments, ScoreArguments, prepare_model
 from kronfluence_bif.engine.linear_term import LinearControlVariate
 from kronfluence_bif.moments import CrossMoments
 
@@ -213,3 +214,35 @@ def test_off_where_the_span_is_not_the_chains_own_and_for_samplers_that_move_eve
     assert BIFArguments(num_draws=7).resolved(30_000, 900, 1000).num_draws == 7
     with pytest.raises(ValueError, match="linear_control_variate"):
         BIFArguments(linear_control_variate="yes")
+
+
+def test_per_token_values_keep_their_sums_and_their_masked_zeros(tmp_path, caplog):
+    """Per-token scores with the control variate: J is linear in the values (secants), so summing the tokens gives
+    the sequence scores (the float32 bound of test_per_token.py), and a masked token (zero at every weight) has zero
+    secants and scores exactly 0."""
+    torch.manual_seed(0)
+    train, query = TokenData(24, 0), TokenData(3, 1, prompt=3)
+    model, task = Bigram(), TokenTask()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-2)
+    for _ in range(200):
+        opt.zero_grad()
+        (task.compute_train_loss({"input_ids": train.ids, "labels": train.labels}, model) / len(train)).backward()
+        opt.step()
+    model = prepare_model(model, task)
+    args = BIFArguments(
+        sampler="subspace_sgld", num_chains=2, num_draws=30, num_burnin_steps=5, sketch_rank=16, nbeta=1e3
+    )  # full batch: the control variate applies
+    analyzer = Analyzer("t", model, task, cpu=True, output_dir=str(tmp_path), disable_tqdm=True, strategy="bif")
+    analyzer.fit_all_factors("bif", train, bif_args=args)
+    kw = dict(query_dataset=query, train_dataset=train, per_device_query_batch_size=2, per_device_train_batch_size=5)
+    with caplog.at_level(logging.INFO, logger="kronfluence_bif"):
+        analyzer.compute_pairwise_scores("tok", "bif", score_args=ScoreArguments(compute_per_token_scores=True), **kw)
+    assert "linear_control_variate: the values' linear part" in caplog.text
+    analyzer.compute_pairwise_scores("seq", "bif", **kw)
+    tok = analyzer.load_pairwise_scores("tok")["all_modules"].double()
+    seq = analyzer.load_pairwise_scores("seq")["all_modules"].double()
+    assert tok.shape == (3, 24, T)
+    assert torch.allclose(tok.sum(2), seq, rtol=0, atol=1e-5 * float(seq.abs().max()))
+    masked = train.labels == -100
+    masked[:, 0] = True
+    assert bool((tok[:, masked] == 0).all()) and bool((tok[:, ~masked] != 0).all())
