@@ -86,6 +86,31 @@ def test_no_stable_rung_means_the_samplers_defaults(tmp_path, trained_mlp, small
     assert torch.equal(fallback, by_hand)
 
 
+def test_a_fallback_the_diagnostics_would_warn_about_gets_a_smaller_step(
+    tmp_path, trained_mlp, small_data, caplog, monkeypatch
+):
+    """No rung stable and the defaults too sharp for the warning's limit: their step is lowered to 0.9 of what the
+    sharpness allows, logged, recorded, and the run is the one set by hand with that step."""
+    train, query = small_data
+    task = PlainRegressionTask()
+    model = prepare_model(trained_mlp, task)
+    monkeypatch.setattr(temperature, "RISE_RATIO", 0.0)  # no rung is stable
+    monkeypatch.setattr(temperature, "SHARPNESS_LIMIT", 1e-3)  # and the defaults are "too sharp"
+    common = dict(num_chains=2, num_draws=30, checkpoint_interval=0)
+    with caplog.at_level(logging.INFO, logger="kronfluence_bif"):
+        fitted, ran = _run(tmp_path, model, task, train, query, BIFArguments(**common), "fitted")
+    assert "at the defaults step x sharpness is" in caplog.text
+    defaults = SAMPLERS["subspace_sgld"]
+    assert (ran["nbeta"], ran["localization"]) == (defaults.defaults["nbeta"], defaults.defaults["localization"])
+    assert 0.0 < ran["step_size"] < defaults.default_step_size
+    found = float(caplog.text.split("at the defaults step x sharpness is ")[1].split(" ")[0])
+    assert ran["step_size"] == pytest.approx(defaults.default_step_size * 0.9 * 1e-3 / found, rel=1e-2)  # %.3g
+    fields = {k: ran[k] for k in ("nbeta", "localization", "step_size")}
+    explicit = BIFArguments(**common, sampler="subspace_sgld", **fields)
+    by_hand, _ = _run(tmp_path, model, task, train, query, explicit, "explicit")
+    assert torch.equal(fitted, by_hand)
+
+
 def test_the_rise_is_measured_against_w_star():
     losses = torch.tensor([1.0, 1.5, 2.0, 2.0], dtype=torch.float64)
     nan = torch.full_like(losses, float("nan"))

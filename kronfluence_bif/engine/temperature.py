@@ -11,7 +11,8 @@ in some chains and not in others), so it is measured: `choose_temperature` runs,
 the first burn-in + `PILOT_STEPS` steps of every chain, seeded exactly as the run seeds them, and keeps the first
 rung where every chain's losses stay finite and their mean rise over w* in the second half stays within
 `RISE_RATIO` times the rise a quadratic posterior settles at (`Sampler.equilibrium_rise`); if no rung passes, the
-sampler's defaults. A run at the chosen rung repeats the pilot's steps exactly, so it cannot diverge within them.
+sampler's defaults, their step lowered where the first chain's sharpness after its burn-in would make the run warn
+(`_fitted_step`). A run at the chosen rung repeats the pilot's steps exactly, so it cannot diverge within them.
 Each process pilots its own chains and the verdicts are gathered, so every process (and a resumed run) takes the
 same rung. Its cost: (burn-in + PILOT_STEPS) gradient steps per chain and rung tried, once per run (an unstable
 chain stops the rung).
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
 
 PILOT_STEPS = 40  # steps after the burn-in; the rise is measured over the second half of all pilot steps
 RISE_RATIO = 4.0  # a rise above this many equilibrium rises is a chain leaving the quadratic basin
+STEP_MARGIN = 0.9  # a too-sharp fallback's step: this fraction of the largest step its sharpness allows
 
 
 def choose_temperature(engine: SamplingEngine) -> BIFArguments:
@@ -61,7 +63,35 @@ def choose_temperature(engine: SamplingEngine) -> BIFArguments:
         args.nbeta,
         args.localization,
     )
-    return args
+    return _fitted_step(engine, args, chains[0])
+
+
+def _fitted_step(engine: SamplingEngine, args: BIFArguments, chain: int) -> BIFArguments:
+    """The fallback, with its step lowered to STEP_MARGIN of what its sharpness allows where step x sharpness after
+    the first chain's burn-in would exceed the diagnostics' limit: the `sharpness` warning's own fix, so the
+    defaults do not warn (digits seed 1: 2.54 at step 1.0; at 0.7 no warning and LDS 0.361 against 0.362)."""
+    probes = engine.state.all_gather_object(_safe_probe(engine, args, chain))
+    found = [v for v in probes if v is not None]
+    if not found or max(found) <= SHARPNESS_LIMIT:
+        return args
+    step = float(args.step_size) * STEP_MARGIN * SHARPNESS_LIMIT / max(found)
+    logger.info(
+        "Temperature pilot: at the defaults step x sharpness is %.3g > %g; sampling with step_size %.3g.",
+        max(found),
+        SHARPNESS_LIMIT,
+        step,
+    )
+    return dataclasses.replace(args, step_size=step)
+
+
+def _safe_probe(engine: SamplingEngine, args: BIFArguments, chain: int) -> Optional[float]:
+    """step x sharpness after `chain`'s burn-in at `args` (None where it cannot be measured, or on an error: every
+    process must reach the gather)."""
+    try:
+        return _pilot_chain(engine, args, chain, probe=True, probe_only=True)[2]
+    except Exception as exc:  # noqa: BLE001 - the run meets the same error and reports it properly
+        logger.info("Temperature pilot: the sharpness probe at the defaults failed (%s: %s).", type(exc).__name__, exc)
+        return None
 
 
 @dataclass
@@ -118,10 +148,11 @@ def pilot(engine: SamplingEngine, args: BIFArguments, chains: Sequence[int]) -> 
 
 
 def _pilot_chain(
-    engine: SamplingEngine, args: BIFArguments, chain: int, probe: bool
+    engine: SamplingEngine, args: BIFArguments, chain: int, probe: bool, probe_only: bool = False
 ) -> Tuple[float, float, Optional[float]]:
     """(mean loss rise over w* in the second half: inf where a loss is not finite, NaN where not measurable; its
-    limit; step_size x the sharpness after the burn-in, when `probe`) of one chain's pilot steps."""
+    limit; step_size x the sharpness after the burn-in, when `probe`) of one chain's pilot steps; with `probe_only`
+    the steps end at the probe (no rise measured)."""
     eng = engine
     eng.weights.reset()
     generator = torch.Generator(device=eng.device).manual_seed(chain_seed(args.seed, chain))
@@ -141,7 +172,7 @@ def _pilot_chain(
                     root = sampler.apply_root  # at this rung's nbeta, as the run would probe it
                     found = probe_sharpness(eng.model, eng.views, eng.weights, eng.stream, args, root, 0.0)
                     sharpness = _scaled(found, args.step_size)
-                    if sharpness is not None and sharpness > SHARPNESS_LIMIT:  # the rung fails: no more steps
+                    if probe_only or (sharpness is not None and sharpness > SHARPNESS_LIMIT):  # no more steps
                         return math.nan, RISE_RATIO * sampler.equilibrium_rise(), sharpness
             loss, grads = eng.gradient(eng.stream.next(), size)
             losses[k] = loss
