@@ -132,12 +132,14 @@ class BIFArguments:
         default=None,
     )
     linear_control_variate: Optional[bool] = _help(
-        "For chains that move on a span (subspace_sgld): subtract from each evaluated value its linear part on the "
-        "span, a secant at +-1 posterior standard deviation along each of the k directions (2k evaluations at w* "
-        "per run), and add that part's covariance exactly, from the quadratic posterior the chain samples on the "
-        "span. The Monte-Carlo error of the BIF's leading term goes; what the draws estimate is the rest (README, "
-        "Defaults). Needs the chain's Ritz values on the full batch (else off, one log line) and (n + q) x k floats. "
-        "None: the sampler's default (subspace_sgld True); samplers that move every weight ignore it (False).",
+        "For chains that move on a span (subspace_sgld): take the covariance of each evaluated value's linear part on "
+        "the span, J c, from the quadratic posterior the chain samples there instead of from the draws (scores = "
+        "Cov_draws(x, y) - J_y C J_x^T + J_y diag(1 / (nbeta s + localization)) J_x^T, C the draws' covariance of "
+        "c), so only the rest of the BIF is Monte Carlo. J by central secants at +-1 posterior standard deviation "
+        "along each of the k directions: 2k evaluations at w* on every process (and column block), and (n + q) x k "
+        "float64 (columns: tokens for per-token scores). Needs the chain's Ritz values on the full batch (else "
+        "off, logged and recorded in bif_diagnostics.json). None: the sampler's default (subspace_sgld True); "
+        "samplers that move every weight ignore it (False).",
         default=None,
     )
     normalize: bool = _help("Pearson correlation instead of covariance (the paper's normalized BIF).", default=False)
@@ -228,7 +230,8 @@ class BIFArguments:
         if self.sampler in SAMPLERS and not SAMPLERS[self.sampler].temperature_ladder:
             self.calibrate_temperature = False
         if self.sampler in SAMPLERS and not SAMPLERS[self.sampler].samples_on_span:
-            self.linear_control_variate = False
+            if self.linear_control_variate in (None, True, False):  # an invalid value is left for `validate`
+                self.linear_control_variate = False
         if self.sampler in SAMPLERS:
             self._fill_defaults()
         self.validate()
@@ -249,7 +252,8 @@ class BIFArguments:
         subspace_sgld where its span basis fits in `AUTO_SPAN_BYTES` and `sampler_batch_size` is unset (a minibatch
         size set by the user means RMSprop-SGLD's minibatch sampler), else rmsprop_sgld. Its gradient is the full
         batch while that costs at most about what every draw evaluates anyway (num_train <= AUTO_FULL_BATCH_RATIO x
-        num_evaluated), else a minibatch of AUTO_MINIBATCH with the control variate (subspace_sgld's default).
+        num_evaluated), else a minibatch of AUTO_MINIBATCH with the control variate (subspace_sgld's default;
+        the full batch where the training set is no larger).
         Without the counts (0, 0) the full batch is taken as affordable.
         """
         if self.sampler != AUTO_SAMPLER:
@@ -259,7 +263,7 @@ class BIFArguments:
         if not fits or self.sampler_batch_size is not None:
             return dataclasses.replace(self, sampler="rmsprop_sgld")
         affordable = int(num_train) <= AUTO_FULL_BATCH_RATIO * int(num_evaluated)
-        batch = None if affordable else min(AUTO_MINIBATCH, int(num_train))
+        batch = None if affordable or int(num_train) <= AUTO_MINIBATCH else AUTO_MINIBATCH  # None: the full batch
         return dataclasses.replace(self, sampler="subspace_sgld", sampler_batch_size=batch)
 
     # ------------------------------------------------------------------ validation

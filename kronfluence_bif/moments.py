@@ -10,7 +10,7 @@ span coordinates over the same draws (`coordinates`), which the linear control v
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -77,12 +77,22 @@ class CrossMoments:
         return self
 
     @torch.no_grad()
-    def add_covariance_(self, delta_xy: torch.Tensor, delta_xx: torch.Tensor, delta_yy: torch.Tensor) -> None:
-        """Shift the covariance these sums give by `delta_xy` ([dim_y, dim_x], or [dim] when diagonal) and the
-        variances by `delta_xx`, `delta_yy` (a correction known in closed form, e.g. the linear control variate's)."""
+    def add_covariance_(
+        self,
+        delta_xy: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]],
+        delta_xx: torch.Tensor,
+        delta_yy: torch.Tensor,
+    ) -> None:
+        """Shift the covariance these sums give by `delta_xy` ([dim_y, dim_x], or [dim] when diagonal; or factors
+        (left [dim_y, r], right [dim_x, r]) of left right^T) and the variances by `delta_xx`, `delta_yy` (a
+        correction known in closed form, e.g. the linear control variate's)."""
         self._check_count()
         scale = float(self.count - 1)
-        self.sum_xy.add_(delta_xy.to(self.sum_xy), alpha=scale)
+        if isinstance(delta_xy, tuple):
+            left, right = delta_xy
+            self.sum_xy.addmm_(left.to(self.sum_xy), right.to(self.sum_xy).T, alpha=scale)
+        else:
+            self.sum_xy.add_(delta_xy.to(self.sum_xy), alpha=scale)
         self.sum_xx.add_(delta_xx.to(self.sum_xx), alpha=scale)
         self.sum_yy.add_(delta_yy.to(self.sum_yy), alpha=scale)
 

@@ -38,7 +38,8 @@ def test_auto_takes_subspace_sgld_while_its_span_fits_and_the_batch_is_unset():
     mini = args.resolved(10, num_train=201, num_evaluated=100)
     assert (mini.sampler, mini.sampler_batch_size, mini.control_variate) == ("subspace_sgld", AUTO_MINIBATCH, True)
     assert (mini.nbeta, mini.localization, mini.step_size) == (1e5, 1e3, 1.0)
-    assert args.resolved(10, num_train=50, num_evaluated=10).sampler_batch_size == 50  # never above the data
+    # a "minibatch" of the whole training set is the full batch (None), where the linear control variate applies
+    assert args.resolved(10, num_train=50, num_evaluated=10).sampler_batch_size is None
     # a minibatch size set by the user means a minibatch sampler; a set field is kept, the rest are filled
     assert BIFArguments(sampler_batch_size=32).resolved(10).sampler == "rmsprop_sgld"
     kept = BIFArguments(nbeta=1e4, num_burnin_steps=7).resolved(10)

@@ -9,6 +9,7 @@ is the estimator's own spread, simulated with i.i.d. draws from N(0, S).
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -20,8 +21,11 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from kronfluence_bif import Analyzer, BIFArguments, ScoreArguments, prepare_model
+from kronfluence_bif.checkpoints import CheckpointStore
+from kronfluence_bif.diagnostics import summarize
 from kronfluence_bif.engine.linear_term import LinearControlVariate
 from kronfluence_bif.moments import CrossMoments
+from kronfluence_bif.samplers import SubspaceSGLD
 
 F64 = torch.float64
 N_TRAIN, N_QUERY, DIM = 40, 6, 4
@@ -124,6 +128,12 @@ def test_on_a_quadratic_posterior_the_leading_term_is_exact_and_only_the_rest_is
     with caplog.at_level(logging.INFO, logger="kronfluence_bif"):
         controlled = _scores(tmp_path / "on", model, task, x, y, "on")
     assert "linear part on the 4-dimensional span, by 8 evaluations" in caplog.text
+    report = json.loads((tmp_path / "on" / "on" / "scores_pw" / "bif_diagnostics.json").read_text())
+    applied = report["linear_control_variate"]
+    assert applied["applied"] is True and applied["span_rank"] == DIM
+    # i.i.d. draws of the exact posterior: the variance ratio is 1 within its Monte-Carlo spread, sqrt(2 / 400) each
+    assert abs(applied["coordinate_variance_ratio"] - 1.0) < 4 * (2.0 / (CHAINS * DRAWS) / DIM) ** 0.5
+    assert not report["warnings"]
     raw = _scores(tmp_path / "off", model, task, x, y, "off", linear_control_variate=False)
 
     full = cov.clone()
@@ -160,7 +170,8 @@ def test_the_correction_is_j_times_the_variance_gap_times_j(diagonal):
     term = LinearControlVariate(jx, jy, variance)
     gap = torch.diag(variance) - torch.cov(c.T)
     before_xy, before_x, before_y = moments.covariance(), moments.variance_x(), moments.variance_y()
-    term.apply_(moments)
+    ratio = term.apply_(moments)
+    assert ratio == pytest.approx(float((torch.cov(c.T).diagonal() / variance).mean()), rel=1e-12)
     full = jy @ gap @ jx.T
     expected_xy = full.diagonal() if diagonal else full
     assert torch.allclose(moments.covariance() - before_xy, expected_xy, atol=1e-12)
@@ -212,6 +223,9 @@ def test_off_where_the_span_is_not_the_chains_own_and_for_samplers_that_move_eve
     assert BIFArguments().resolved(30_000, 900, 1000).num_draws == 100  # auto: full batch
     assert BIFArguments().resolved(30_000, 90_000, 1000).num_draws == 400  # auto: a minibatch
     assert BIFArguments(num_draws=7).resolved(30_000, 900, 1000).num_draws == 7
+    assert BIFArguments(sampler="subspace_sgld", linear_control_variate=False).num_draws == 400  # asked off
+    tiny = BIFArguments().resolved(30_000, 50, 10)  # a "minibatch" of the whole training set is the full batch
+    assert tiny.sampler_batch_size is None and tiny.num_draws == 100
     with pytest.raises(ValueError, match="linear_control_variate"):
         BIFArguments(linear_control_variate="yes")
 
@@ -246,3 +260,56 @@ def test_per_token_values_keep_their_sums_and_their_masked_zeros(tmp_path, caplo
     masked = train.labels == -100
     masked[:, 0] = True
     assert bool((tok[:, masked] == 0).all()) and bool((tok[:, ~masked] != 0).all())
+
+
+def test_column_blocks_and_correlation_with_the_control_variate(tmp_path):
+    """Each column block corrects its own columns (same chains, the same J columns); normalize=True reads the
+    corrected variances, so the correlations stay in [-1, 1]."""
+    whole, _ = _mlp_run(tmp_path / "a", "a")
+    blocks, _ = _mlp_run(tmp_path / "b", "b", moment_memory_gb=1e-9)
+    assert torch.allclose(blocks, whole, rtol=0, atol=1e-5 * float(whole.abs().max()))
+    corr, _ = _mlp_run(tmp_path / "c", "c", normalize=True)
+    assert float(corr.abs().max()) <= 1.0 and float(corr.abs().max()) > 0.1
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_a_checkpoint_that_disagrees_on_the_span_coordinates_starts_over(tmp_path, monkeypatch, caplog):
+    """Whether the span is exact depends on the environment (double backward), not on the arguments the checkpoint
+    fingerprints: a chain whose checkpoint kept coordinates the resumed run does not keep starts over."""
+    real, saves = CheckpointStore.save, []
+
+    def save(self, chain, tensors, meta):
+        real(self, chain, tensors, meta)
+        saves.append(chain)
+        raise _Interrupt
+
+    monkeypatch.setattr(CheckpointStore, "save", save)
+    with pytest.raises(_Interrupt):
+        _mlp_run(tmp_path / "run", "r", checkpoint_interval=8)
+    monkeypatch.setattr(CheckpointStore, "save", real)
+    monkeypatch.setattr(SubspaceSGLD, "linear_span", lambda self: None)  # this environment: no exact span
+    with caplog.at_level(logging.INFO, logger="kronfluence_bif"):
+        resumed, _ = _mlp_run(tmp_path / "run", "r", checkpoint_interval=8)
+    assert "disagrees on the span coordinates; it starts over" in caplog.text
+    fresh, _ = _mlp_run(tmp_path / "fresh", "f", checkpoint_interval=8)
+    assert torch.equal(resumed, fresh)
+
+
+def test_what_the_diagnostics_say_of_the_control_variate():
+    args = BIFArguments(sampler="subspace_sgld")
+    traces = {"mean_train_loss": torch.zeros(2, 10, dtype=F64)}
+
+    def codes(term):
+        return [w["code"] for w in summarize(traces, [], args, None, term)["warnings"]]
+
+    assert codes(None) == [] and "linear_control_variate" not in summarize(traces, [], args)
+    assert codes({"applied": False, "reason": "a minibatch gradient"}) == []  # by design: 400 draws there
+    assert codes({"applied": False, "reason": "no Rayleigh-Ritz values (no double backward)"}) == [
+        "linear_control_variate"
+    ]
+    applied = {"applied": True, "span_rank": 8, "coordinate_variance_ratio": 1.03}
+    assert codes(applied) == [] and summarize(traces, [], args, None, applied)["linear_control_variate"] == applied
+    assert codes({**applied, "coordinate_variance_ratio": 2.5}) == ["linear_control_variate"]

@@ -3,6 +3,7 @@ covariance there, and the sampler through the Analyzer (resume, model unchanged,
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 
@@ -310,6 +311,10 @@ def test_a_loss_without_double_backward_falls_back_to_the_sketch_eigenvalues(tmp
     assert "Rayleigh-Ritz failed (RuntimeError: double backward is not implemented" in caplog.text
     assert "Rayleigh-Ritz on the" not in caplog.text
     assert torch.isfinite(scores).all() and scores.abs().max() > 0
+    # the linear control variate needs the Ritz values: off, and the diagnostics say the draws were sized for it
+    report = json.loads((tmp_path / "sub" / "scores_pw" / "bif_diagnostics.json").read_text())
+    assert report["linear_control_variate"]["applied"] is False
+    assert any(w["code"] == "linear_control_variate" and "num_draws" in w["message"] for w in report["warnings"])
 
 
 def test_a_collapsed_sketch_span_is_warned(tmp_path, trained_mlp, small_data, caplog):

@@ -20,7 +20,7 @@ from kronfluence_bif.engine.evaluation import _Layout
 from kronfluence_bif.engine.guards import DivergenceGuard
 from kronfluence_bif.engine.seeds import chain_seed, stream_seed
 from kronfluence_bif.logs import logger
-from kronfluence_bif.moments import CrossMoments
+from kronfluence_bif.moments import COORDINATES, CrossMoments
 from kronfluence_bif.samplers import LinearSpan, Sampler, make_sampler
 
 if TYPE_CHECKING:
@@ -42,6 +42,7 @@ STEP_TRACES = TRACE_NAMES[2:]  # written together at a traced draw: rows of `Run
 # the step traces are taken at every STEP_TRACE_INTERVAL-th draw (and the last): they cost about 16% of a UCI run
 # when taken at every draw (benchmarks/diagnostics_cost.py), ~2% like this; the other draws hold NaN
 STEP_TRACE_INTERVAL = 8
+COORDINATE_KEY = f"moments.{COORDINATES}.sum_x"  # in a checkpoint whose moments kept the span coordinates
 
 
 def traced_draws(args: BIFArguments) -> torch.Tensor:
@@ -247,6 +248,10 @@ class Chain:
         """This chain's checkpoint, if any (in a group: only when every member has the same one)."""
         eng, plan = self.engine, self.run_state.plan
         resumed = eng.checkpoints.load(self.chain) if eng.checkpoints is not None else None
+        if resumed is not None and (COORDINATE_KEY in resumed[0]) != (self.coordinates is not None):
+            # the span's exactness depends on the environment (double backward), not only on the arguments
+            logger.warning("Chain %d: its checkpoint disagrees on the span coordinates; it starts over.", self.chain)
+            resumed = None
         if plan.num_shards > 1 and eng.checkpoints is not None:
             # the members of a group exchange values every block, so they resume from the same draw or not at all
             where = None if resumed is None else (resumed[1]["draws_done"], resumed[1]["done"])

@@ -38,7 +38,7 @@ from kronfluence_bif.logs import logger
 from kronfluence_bif.loss_views import LossViews
 from kronfluence_bif.moments import CrossMoments, all_reduce_moments_, place_owned
 from kronfluence_bif.parameters import SampledWeights
-from kronfluence_bif.samplers import SamplerContext
+from kronfluence_bif.samplers import LinearSpan, SamplerContext
 from kronfluence_bif.threads import choose_threads, using_threads
 from kronfluence_bif.tracking import untracked_forwards
 
@@ -57,6 +57,7 @@ class SamplingResult:
     sharpness: Optional[float] = None  # largest preconditioned curvature after burn-in (diagnostics)
     widths: Tuple[int, int] = (1, 1)  # values per train example and per query (per-token runs: T and 1 + T)
     args: Optional[BIFArguments] = None  # what the chains ran with (the temperature pilot's nbeta, localization)
+    linear_term: Optional[Dict[str, Any]] = None  # the linear control variate: applied, span rank, variance ratio
 
 
 class SamplingEngine:
@@ -202,21 +203,41 @@ class SamplingEngine:
             bar_scale=int(scale) if scale.is_integer() else scale,  # "32/1600", not "32.0/1600"
         )
 
-    def _apply_linear_term(self, total: CrossMoments, run: RunState) -> None:
-        """The linear control variate on the pooled moments, where the chains moved on an exact span."""
-        if run.span is None:
-            if self.args.linear_control_variate:
-                logger.info(
-                    "linear_control_variate: off for this run (the sampler's curvature on its span is not the "
-                    "chains' own: a minibatch sampler_batch_size, or no double backward through the Task's loss)."
-                )
-            return
+    def _agreed_span(self, total: CrossMoments, run: RunState) -> Optional[LinearSpan]:
+        """The chains' span where every process has it (one whose Rayleigh-Ritz failed has none); elsewhere the
+        coordinate sums are dropped before the all-reduce, so every process reduces the same tensors."""
+        span = run.span
+        if self.state.distributed and not all(self.state.all_gather_object(span is not None)):
+            span, total.coordinates = None, None
+        return span
+
+    def _apply_linear_term(self, total: CrossMoments, run: RunState, span: Optional[LinearSpan]) -> Optional[dict]:
+        """The linear control variate on the pooled moments, where the chains moved on an exact span; what was done
+        (None where it was not asked for)."""
+        if not self.args.linear_control_variate:
+            return None
+        if span is None:
+            minibatch = self.stream.batch_size < self.stream.n
+            reason = "a minibatch gradient" if minibatch else "no Rayleigh-Ritz values (no double backward)"
+            logger.info("linear_control_variate: off for this run (%s).", reason)
+            return {"applied": False, "reason": reason}
         logger.info(
             "linear_control_variate: the values' linear part on the %d-dimensional span, by %d evaluations at w*.",
-            run.span.rank,
-            2 * run.span.rank,
+            span.rank,
+            2 * span.rank,
         )
-        LinearControlVariate.by_secants(self, run, run.span).apply_(total)
+        term, error = None, None
+        try:
+            term = LinearControlVariate.by_secants(self, run, span)
+        except Exception as exc:  # noqa: BLE001 - every process must learn of it, or the others would hang
+            error = exc
+        self.state.raise_if_any_failed(error)
+        if term is None:
+            total.coordinates = None
+            logger.info("linear_control_variate: off (a value at w* +- one standard deviation is not finite).")
+            return {"applied": False, "reason": "values at w* +- one posterior standard deviation are not finite"}
+        ratio = term.apply_(total)
+        return {"applied": True, "span_rank": span.rank, "coordinate_variance_ratio": ratio}
 
     def _pool(self, total: CrossMoments, run: RunState, summaries: List[Dict[str, Any]]) -> SamplingResult:
         """Add the sums of every process (each chain counted once: by the leader of its group)."""
@@ -224,6 +245,7 @@ class SamplingEngine:
         sharpness = run.sharpness
         if lay.own is not None:
             total = place_owned(total, lay.own, lay.dim_x, lay.dim_y, with_y=plan.is_group_leader)
+        span = self._agreed_span(total, run)
         if state.distributed:
             if not plan.is_group_leader:
                 for t in traces.values():
@@ -233,7 +255,7 @@ class SamplingEngine:
             summaries = sorted((s for part, _ in gathered for s in part), key=lambda s: s["chain"])
             found = [v for _, v in gathered if v is not None]
             sharpness = max(found) if found else None
-        self._apply_linear_term(total, run)
+        linear_term = self._apply_linear_term(total, run, span)
         # untraced draws (between STEP_TRACE_INTERVAL-th draws, or all without step_diagnostics) read NaN, not 0
         run.step_traces[:, :, ~traced_draws(self.args).to(run.step_traces.device)] = math.nan
         return SamplingResult(
@@ -243,4 +265,5 @@ class SamplingEngine:
             sharpness=sharpness,
             widths=(self.x.width, self.y.width if self.y is not None else 1),
             args=self.args,
+            linear_term=linear_term,
         )

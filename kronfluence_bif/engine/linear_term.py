@@ -21,7 +21,7 @@ it like any other sums.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Tuple
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
@@ -37,7 +37,8 @@ SECANT_BLOCK_BYTES = 64 << 20  # evaluated rows per block of secants: at most th
 
 
 class LinearControlVariate:
-    """J_x [dim_x, k] and J_y [dim_y, k] on a span with coordinate variances [k]; `apply_` corrects pooled moments."""
+    """J_x [dim_x, k] and J_y [dim_y, k] (the same tensor for self scores) on a span with coordinate variances [k];
+    `apply_` corrects pooled moments."""
 
     def __init__(self, jacobian_x: torch.Tensor, jacobian_y: torch.Tensor, variance: torch.Tensor) -> None:
         if jacobian_x.shape[1] != variance.numel() or jacobian_y.shape[1] != variance.numel():
@@ -46,52 +47,81 @@ class LinearControlVariate:
                 "span directions."
             )
         self.jacobian_x = jacobian_x.double()
-        self.jacobian_y = jacobian_y.double()
+        self.jacobian_y = self.jacobian_x if jacobian_y is jacobian_x else jacobian_y.double()
         self.variance = variance.double().to(self.jacobian_x.device)
 
     @classmethod
     @torch.no_grad()
-    def by_secants(cls, engine: SamplingEngine, run: RunState, span: LinearSpan) -> LinearControlVariate:
+    def by_secants(cls, engine: SamplingEngine, run: RunState, span: LinearSpan) -> Optional[LinearControlVariate]:
         """J of every accumulated column (all columns: a member of an evaluation group gets its partners' through
-        the same exchange as the draws) by central secants at w* +- sqrt(variance_j) along each direction j."""
-        weights, evaluator, lay = engine.weights, engine.evaluator, run.layout
+        the same exchange as the draws) by central secants at w* +- sqrt(variance_j) along each direction j; None
+        where a value there is not finite. Collective within an evaluation group (a member's error reaches every
+        member before the exchange, as in a chain's blocks)."""
+        weights, lay = engine.weights, run.layout
         full = dataclasses.replace(lay, own=None)
         steps = span.variance.sqrt()
         per_block = max(1, SECANT_BLOCK_BYTES // (8 * max(lay.width, 1)))
         blocks_x, blocks_y = [], []
         try:
             for start in range(0, span.rank, per_block):
-                block = torch.empty(2 * min(per_block, span.rank - start), lay.width, device=run.buffer.device)
-                for i, j in enumerate(range(start, start + block.shape[0] // 2)):
-                    for side, sign in ((0, 1.0), (1, -1.0)):
-                        _move_to(weights, span.basis[j], sign * float(steps[j]))
-                        evaluator.evaluate(block[2 * i + side], lay.mine)
-                engine.state.all_gather_columns(block, lay.gather_columns, run.plan.group_ranks)
-                x, y = evaluator.centered(block, run.shift, full, engine.diagonal)
-                scale = 2.0 * steps[start : start + block.shape[0] // 2, None].to(x)
+                directions = range(start, min(start + per_block, span.rank))
+                block = _evaluate_secants(engine, run, span, directions, steps)
+                x, y = engine.evaluator.centered(block, run.shift, full, engine.diagonal)
+                scale = 2.0 * steps[directions.start : directions.stop, None].to(x)
                 blocks_x.append(((x[0::2] - x[1::2]) / scale).T)
-                blocks_y.append(((y[0::2] - y[1::2]) / scale).T)
+                if engine.y is not None:
+                    blocks_y.append(((y[0::2] - y[1::2]) / scale).T)
         finally:
             weights.reset()
-        return cls(torch.cat(blocks_x, 1), torch.cat(blocks_y, 1), span.variance)
+        jacobian_x = torch.cat(blocks_x, 1)
+        jacobian_y = jacobian_x if engine.y is None else torch.cat(blocks_y, 1)
+        if not (bool(torch.isfinite(jacobian_x).all()) and bool(torch.isfinite(jacobian_y).all())):
+            return None
+        return cls(jacobian_x, jacobian_y, span.variance)
 
-    def correction(self, coordinates: CrossMoments, diagonal: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(delta_xy, delta_xx, delta_yy): J (diag(variance) - C_hat) J^T for the cross covariance ([dim_y, dim_x],
-        or [dim] when diagonal) and the two sides' variances, C_hat the draws' covariance of the coordinates."""
-        gap = torch.diag(self.variance) - coordinates.covariance().to(self.variance)
-        gap = (gap + gap.T) / 2
-        jx_gap, jy_gap = self.jacobian_x @ gap, self.jacobian_y @ gap
-        delta_xx = (jx_gap * self.jacobian_x).sum(1)
-        delta_yy = (jy_gap * self.jacobian_y).sum(1)
-        delta_xy = (jx_gap * self.jacobian_y).sum(1) if diagonal else jy_gap @ self.jacobian_x.T
-        return delta_xy, delta_xx, delta_yy
-
-    def apply_(self, moments: CrossMoments) -> None:
-        """Correct pooled moments (over every chain and process) in place; their coordinate sums are consumed."""
+    def apply_(self, moments: CrossMoments) -> float:
+        """Correct pooled moments (over every chain and process) in place by J (diag(variance) - C_hat) J^T, C_hat
+        the draws' covariance of the span coordinates (their sums are consumed). Returns the mean over directions of
+        C_hat_jj / variance_j: 1 where the chains sample the quadratic posterior on the span."""
         if moments.coordinates is None:
             raise ValueError("The linear control variate needs moments that kept the draws' span coordinates.")
-        moments.add_covariance_(*self.correction(moments.coordinates, moments.diagonal))
+        drawn = moments.coordinates.covariance().to(self.variance)
+        gap = torch.diag(self.variance) - (drawn + drawn.T) / 2
+        jx_gap = self.jacobian_x @ gap
+        jy_gap = jx_gap if self.jacobian_y is self.jacobian_x else self.jacobian_y @ gap
+        delta_xx = (jx_gap * self.jacobian_x).sum(1)
+        delta_yy = delta_xx if jy_gap is jx_gap else (jy_gap * self.jacobian_y).sum(1)
+        if moments.diagonal:
+            moments.add_covariance_((jx_gap * self.jacobian_y).sum(1), delta_xx, delta_yy)
+        else:  # the [dim_y, dim_x] shift as a product of its [*, k] factors: no temporary of the moments' size
+            moments.add_covariance_((jy_gap, self.jacobian_x), delta_xx, delta_yy)
         moments.coordinates = None
+        return float((drawn.diagonal() / self.variance).mean())
+
+
+def _evaluate_secants(
+    engine: SamplingEngine, run: RunState, span: LinearSpan, directions: range, steps: torch.Tensor
+) -> torch.Tensor:
+    """[2 len(directions), width]: the evaluated rows at w* + and - steps_j along each direction j (this process's
+    batches, then the group's exchange); an error on one member is raised on every member first."""
+    lay, plan = run.layout, run.plan
+    block = torch.empty(2 * len(directions), lay.width, device=run.buffer.device)
+    error: Optional[BaseException] = None
+    try:
+        for i, j in enumerate(directions):
+            for side, sign in ((0, 1.0), (1, -1.0)):
+                _move_to(engine.weights, span.basis[j], sign * float(steps[j]))
+                engine.evaluator.evaluate(block[2 * i + side], lay.mine)
+    except Exception as exc:  # noqa: BLE001 - re-raised below, on every member of the group
+        error = exc
+    if plan.num_shards > 1:
+        reports = engine.state.group_all_gather_object(None if error is None else repr(error), plan.group_ranks)
+        if error is None and any(r is not None for r in reports):
+            raise RuntimeError(f"The linear control variate's secants failed on a member of this group: {reports}")
+    if error is not None:
+        raise error
+    engine.state.all_gather_columns(block, lay.gather_columns, plan.group_ranks)
+    return block
 
 
 def _move_to(weights, direction: torch.Tensor, distance: float) -> None:

@@ -196,8 +196,9 @@ class Sampler:
     # ------------------------------------------------------------------ declared by each sampler
     @classmethod
     def argument_defaults(cls, args: BIFArguments) -> Dict[str, Any]:
-        """The values of `args`' fields left None (`defaults`, unless a sampler's depend on other settings)."""
-        return dict(cls.defaults)
+        """The values of `args`' fields left None: `defaults` (over the base class's, so a sampler that declares only
+        some still fills every field), unless a sampler's depend on other settings."""
+        return {**Sampler.defaults, **cls.defaults}
 
     @classmethod
     def check_arguments(cls, args: BIFArguments) -> None:
