@@ -43,20 +43,20 @@ class BIFArguments:
 
         w <- w - step_size/2 * G (nbeta/m * sum_batch grad loss + localization*(w - w*)) + N(0, step_size * G)
 
-    with G = I (`sgld`), a diagonal RMSprop G (`rmsprop_sgld`) or G = (nbeta F_K + localization I)^-1 with F_K a
-    low-rank Fisher sketch at w* (`sketch_sgld`). A fixed G leaves the target posterior unchanged.
+    with G = I (`sgld`), a diagonal RMSprop G (`rmsprop_sgld`), G = (nbeta F_K + localization I)^-1 with F_K a
+    low-rank Fisher sketch at w* (`sketch_sgld`), or the sketch's span only with Rayleigh-Ritz curvatures
+    (`subspace_sgld`). A fixed G leaves the target posterior unchanged.
 
     Under a Laplace approximation, ``Cov(loss_i, f_q) ~= g_q^T (nbeta * H_mean + localization * I)^-1 g_i``:
     kronfluence's damped influence function divided by ``nbeta`` with damping ``localization / nbeta``.
 
-    How the defaults were chosen (README, "Defaults"; `benchmarks/quality.py`, `benchmarks/defaults_grid.py`):
-    LDS against retraining on random halves and agreement with kronfluence EK-FAC on two real tasks, the UCI
-    concrete MLP (8-128-128-128-1) and a scikit-learn digits MLP (64-128-128-10). RMSprop-SGLD with its
-    preconditioner frozen after burn-in, step 3e-4, nbeta 1e3, localization 1e3 (effective damping 1), m 64.
-    `sampler="sketch_sgld"` with nbeta 1e4 and m 256 scores better on those small MLPs (LDS 0.19 -> 0.24 on UCI,
-    0.22 -> 0.28 on digits at 4 x 400 draws) but is not the default: it equilibrates the directions the loss does
-    not constrain, whose spread sqrt(num_weights / localization) leaves the basin on wide models (a 3x1024 MLP
-    diverged within 10 steps) and on a small GPT-2 (loss 65-95x its start at nbeta 3e3).
+    How the defaults were chosen (README, "Defaults"; BENCHMARKS.md; `benchmarks/defaults_quality.py`,
+    `benchmarks/linear_control_variate.py`): LDS against retraining on random halves and agreement with kronfluence
+    EK-FAC on the UCI concrete MLP (8-128-128-128-1) and a scikit-learn digits MLP (64-128-128-10). `sampler="auto"`
+    takes `subspace_sgld` where its span fits: the full-batch gradient, the temperature pilot's nbeta / localization,
+    the linear control variate, 4 chains x 100 draws (UCI LDS 0.314-0.319 on three seeds against EK-FAC's 0.290,
+    digits 0.87-0.97x of EK-FAC). Elsewhere RMSprop-SGLD, frozen after burn-in, step 3e-4, nbeta 1e3, localization
+    1e3, m 64, 4 x 400 draws.
     """
 
     sampler: str = _help(
