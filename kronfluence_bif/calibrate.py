@@ -164,6 +164,7 @@ def _grid_row(problem: Problem, model, weights, base: BIFArguments, point, num_c
             num_chains=num_chains,
             num_draws=num_draws,
             checkpoint_interval=0,
+            linear_control_variate=False,  # the grid reads the chains' health, not their scores: no secants
         )
     except ValueError as exc:
         return {**row, "status": "invalid", "reason": str(exc)}
