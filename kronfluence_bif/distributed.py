@@ -36,6 +36,11 @@ class WorkPlan:
         return len(self.group_ranks)
 
     @property
+    def group(self) -> int:
+        """This process's group, 0 .. num_groups - 1 (its lowest rank: groups are ranks g, g + G, ...)."""
+        return self.group_ranks[0]
+
+    @property
     def is_group_leader(self) -> bool:
         """The member that reports the group's chains (counts, traces, summaries) exactly once."""
         return self.shard == 0

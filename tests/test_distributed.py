@@ -189,7 +189,7 @@ def test_two_processes_equal_one_with_chains_in_lockstep(data_dir, reference, tm
 def test_two_processes_equal_one_with_the_defaults(one_process, two_processes):
     """sampler="auto" (subspace-SGLD here): every process builds the same sketch, Ritz pairs and gradient at w*,
     so 2 processes x 2 chains give the scores of 1 process x 4 chains (checkpoints at draw 8 included)."""
-    for kind in SCORE_DIRS:
+    for kind in SCORE_DIRS:  # (the linear control variate's secants split over the two processes' groups)
         one, two = scores(one_process / "defaults", kind), scores(two_processes / "defaults", kind)
         assert torch.isfinite(one).all() and one.abs().max() > 0
         assert max_rel_diff(two, one) < 1e-5

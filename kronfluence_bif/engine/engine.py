@@ -221,10 +221,12 @@ class SamplingEngine:
             reason = "a minibatch gradient" if minibatch else "no Rayleigh-Ritz values (no double backward)"
             logger.info("linear_control_variate: off for this run (%s).", reason)
             return {"applied": False, "reason": reason}
+        share = len(range(run.plan.group, span.rank, run.plan.num_groups))  # the directions split over groups
         logger.info(
-            "linear_control_variate: the values' linear part on the %d-dimensional span, by %d evaluations at w*.",
+            "linear_control_variate: the values' linear part on the %d-dimensional span, by %d evaluations at w*%s.",
             span.rank,
-            2 * span.rank,
+            2 * share,
+            "" if share == span.rank else f" (this process's share of {2 * span.rank})",
         )
         term, error = None, None
         try:

@@ -12,8 +12,9 @@ and 0.25 -> 0.31 at 400; BENCHMARKS.md, "The linear control variate"). Its expec
 with the linear part's taken under the quadratic posterior: exact where the potential is quadratic on the span.
 
 J comes from central secants at w* +- one posterior standard deviation along each direction: 2k evaluations
-through the run's own `Evaluator` (its views, shards and reductions, so J matches the accumulated values column for
-column; any model, no forward-mode autodiff needed), the slope averaged over where the draws are. The correction
+(split over the processes' chain groups, the Jacobians then summed) through the run's own `Evaluator` (its views,
+shards and reductions, so J matches the accumulated values column for column; any model, no forward-mode autodiff
+needed), the slope averaged over where the draws are. The correction
 is added to the pooled moments (`CrossMoments.add_covariance_`), so covariance, correlation and column blocks read
 it like any other sums.
 """
@@ -21,7 +22,7 @@ it like any other sums.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, List, Optional, Tuple
 
 import torch
 
@@ -53,28 +54,16 @@ class LinearControlVariate:
     @classmethod
     @torch.no_grad()
     def by_secants(cls, engine: SamplingEngine, run: RunState, span: LinearSpan) -> Optional[LinearControlVariate]:
-        """J of every accumulated column (all columns: a member of an evaluation group gets its partners' through
-        the same exchange as the draws) by central secants at w* +- sqrt(variance_j) along each direction j; None
-        where a value there is not finite. Collective within an evaluation group (a member's error reaches every
-        member before the exchange, as in a chain's blocks)."""
-        weights, lay = engine.weights, run.layout
-        full = dataclasses.replace(lay, own=None)
-        steps = span.variance.sqrt()
-        per_block = max(1, SECANT_BLOCK_BYTES // (8 * max(lay.width, 1)))
-        blocks_x, blocks_y = [], []
-        try:
-            for start in range(0, span.rank, per_block):
-                directions = range(start, min(start + per_block, span.rank))
-                block = _evaluate_secants(engine, run, span, directions, steps)
-                x, y = engine.evaluator.centered(block, run.shift, full, engine.diagonal)
-                scale = 2.0 * steps[directions.start : directions.stop, None].to(x)
-                blocks_x.append(((x[0::2] - x[1::2]) / scale).T)
-                if engine.y is not None:
-                    blocks_y.append(((y[0::2] - y[1::2]) / scale).T)
-        finally:
-            weights.reset()
-        jacobian_x = torch.cat(blocks_x, 1)
-        jacobian_y = jacobian_x if engine.y is None else torch.cat(blocks_y, 1)
+        """J of every accumulated column by central secants at w* +- sqrt(variance_j) along each direction j; None
+        where a value there is not finite. Collective: the directions are split over the evaluation groups (each
+        group's members evaluate theirs together, partners' columns through the same exchange as the draws) and
+        the Jacobians summed over processes, so every process holds all of J for a share of the evaluations."""
+        plan = run.plan
+        mine = list(range(plan.group, span.rank, plan.num_groups))  # this group's directions
+        part_x, part_y = _secant_columns(engine, run, span, mine)
+        jacobian_x = _spread(part_x, mine, span.rank, plan.is_group_leader)
+        jacobian_y = jacobian_x if engine.y is None else _spread(part_y, mine, span.rank, plan.is_group_leader)
+        engine.state.all_reduce_sum_([jacobian_x] if engine.y is None else [jacobian_x, jacobian_y])
         if not (bool(torch.isfinite(jacobian_x).all()) and bool(torch.isfinite(jacobian_y).all())):
             return None
         return cls(jacobian_x, jacobian_y, span.variance)
@@ -99,8 +88,43 @@ class LinearControlVariate:
         return float((drawn.diagonal() / self.variance).mean())
 
 
+def _secant_columns(
+    engine: SamplingEngine, run: RunState, span: LinearSpan, directions: List[int]
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(J_x, J_y) columns [dim, len(directions)] of `directions` (J_y is J_x for self scores), in blocks of rows."""
+    lay = run.layout
+    full = dataclasses.replace(lay, own=None)  # every column: partners' arrive through the exchange
+    steps = span.variance.sqrt()
+    per_block = max(1, SECANT_BLOCK_BYTES // (8 * max(lay.width, 1)))
+    xs, ys = [], []
+    try:
+        for start in range(0, len(directions), per_block):
+            chosen = directions[start : start + per_block]
+            block = _evaluate_secants(engine, run, span, chosen, steps)
+            x, y = engine.evaluator.centered(block, run.shift, full, engine.diagonal)
+            scale = 2.0 * steps[chosen].to(x)[:, None]
+            xs.append(((x[0::2] - x[1::2]) / scale).T)
+            ys.append(((y[0::2] - y[1::2]) / scale).T)
+    finally:
+        engine.weights.reset()
+    f64 = {"dtype": torch.float64, "device": run.buffer.device}
+    part_x = torch.cat(xs, 1) if xs else torch.zeros(lay.dim_x, 0, **f64)
+    if engine.y is None:
+        return part_x, part_x
+    return part_x, torch.cat(ys, 1) if ys else torch.zeros(lay.dim_y, 0, **f64)
+
+
+def _spread(part: torch.Tensor, directions: List[int], rank: int, counted: bool) -> torch.Tensor:
+    """[dim, rank] float64 holding `part`'s columns at `directions` (zeros elsewhere, and everywhere unless
+    `counted`: one member per group contributes, so the sum over processes has each column once)."""
+    out = torch.zeros(part.shape[0], rank, dtype=torch.float64, device=part.device)
+    if counted and directions:
+        out[:, directions] = part.double()
+    return out
+
+
 def _evaluate_secants(
-    engine: SamplingEngine, run: RunState, span: LinearSpan, directions: range, steps: torch.Tensor
+    engine: SamplingEngine, run: RunState, span: LinearSpan, directions: List[int], steps: torch.Tensor
 ) -> torch.Tensor:
     """[2 len(directions), width]: the evaluated rows at w* + and - steps_j along each direction j (this process's
     batches, then the group's exchange); an error on one member is raised on every member first."""
