@@ -425,13 +425,14 @@ def _report_lines(report: Dict[str, Any]) -> List[str]:
 
 
 def _trace_lines(traces: Dict[str, torch.Tensor]) -> List[str]:
-    """A table of each chain's mean over draws of every [num_chains, num_draws] trace (none: no lines)."""
+    """A table of each chain's mean over draws of every [num_chains, num_draws] trace (none: no lines); the step
+    traces, taken at every STEP_TRACE_INTERVAL-th draw (NaN at the others), average over the draws they hold."""
     names = [n for n in MAIN_TRACES if n in traces] + sorted(n for n in traces if n not in MAIN_TRACES)
     names = [n for n in names if traces[n].ndim == 2]
     if not names:
         return []
     num_chains, num_draws = traces[names[0]].shape
-    means = {n: traces[n].double().mean(dim=1).tolist() for n in names}
+    means = {n: torch.nanmean(traces[n].double(), dim=1).tolist() for n in names}
     rows = [[c] + [means[n][c] if c < len(means[n]) else "-" for n in names] for c in range(num_chains)]
     title = f"Per-chain means over draws ({storage.BIF_TRACES_FILE}, {num_chains} chains x {num_draws} draws):"
     return ["", title] + ["  " + line for line in text_table(["chain"] + names, rows)]

@@ -319,3 +319,17 @@ def test_step_diagnostics_off_changes_no_score_and_leaves_the_step_traces_empty(
         assert bool(runs[False][1][name].isnan().all()) and not bool(runs[True][1][name][:, 0].isnan().any()), name
     assert all(c["max_distance_from_w_star"] is None for c in runs[False][2]["chains"])
     assert all(c["max_distance_from_w_star"] > 0 for c in runs[True][2]["chains"])
+
+
+def test_the_per_chain_trace_means_skip_the_untraced_draws():
+    """Step traces hold NaN between their every-8th draws: the table averages the draws they were taken at."""
+    from kronfluence_bif.diagnostics import _trace_lines
+
+    nan = float("nan")
+    traces = {
+        "mean_train_loss": torch.tensor([[1.0, 2.0, 3.0]], dtype=torch.float64),
+        "distance_from_w_star": torch.tensor([[0.5, nan, 1.5]], dtype=torch.float64),
+        "noise_step_norm": torch.full((1, 3), nan, dtype=torch.float64),  # step_diagnostics=False: nothing taken
+    }
+    row = _trace_lines(traces)[-1].split()
+    assert row[:3] == ["0", "2", "1"] and row[3] == "nan"
