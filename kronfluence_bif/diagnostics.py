@@ -399,6 +399,23 @@ def format_diagnostics(folder: Union[str, Path]) -> str:
     return "\n".join(lines)
 
 
+def _linear_term_lines(term: Optional[Dict[str, Any]]) -> List[str]:
+    """What the linear control variate did (a dict per module for per-module runs; nothing when not asked for)."""
+    if not term:
+        return []
+    if "applied" not in term:  # per-module runs: {module: term}
+        return [line for name, t in term.items() for line in _linear_term_lines(t and {**t, "module": name})]
+    where = f" (module `{term['module']}`)" if "module" in term else ""
+    if not term["applied"]:
+        return [f"Linear control variate{where}: off ({term['reason']})"]
+    ratio = format_value(float(term["coordinate_variance_ratio"]))
+    low, high = COORDINATE_VARIANCE_RANGE
+    return [
+        f"Linear control variate{where}: on a {term['span_rank']}-dimensional span; the chains' variance there is "
+        f"{ratio}x the quadratic posterior's (fine in [{low:g}, {high:g}])"
+    ]
+
+
 def _report_lines(report: Dict[str, Any]) -> List[str]:
     """R-hat, the step-size/curvature check, the warnings and a table of the per-chain summaries."""
     lines = []
@@ -411,6 +428,7 @@ def _report_lines(report: Dict[str, Any]) -> List[str]:
             f"step_size x largest preconditioned curvature: {format_value(sharp['step_size_times_lambda_max'])} "
             "(fine below 2)"
         )
+    lines.extend(_linear_term_lines(report.get("linear_control_variate")))
     warnings = report.get("warnings", [])
     lines.append(f"Warnings: {len(warnings)}" + ("" if warnings else " (none)"))
     lines.extend(f"  [{w['code']}] {w['message']}" for w in warnings)

@@ -22,7 +22,7 @@ from torch.utils.data import TensorDataset
 
 from kronfluence_bif import Analyzer, BIFArguments, ScoreArguments, prepare_model
 from kronfluence_bif.checkpoints import CheckpointStore
-from kronfluence_bif.diagnostics import summarize
+from kronfluence_bif.diagnostics import format_diagnostics, summarize
 from kronfluence_bif.engine.linear_term import LinearControlVariate
 from kronfluence_bif.moments import CrossMoments
 from kronfluence_bif.samplers import SubspaceSGLD
@@ -134,6 +134,8 @@ def test_on_a_quadratic_posterior_the_leading_term_is_exact_and_only_the_rest_is
     # i.i.d. draws of the exact posterior: the variance ratio is 1 within its Monte-Carlo spread, sqrt(2 / 400) each
     assert abs(applied["coordinate_variance_ratio"] - 1.0) < 4 * (2.0 / (CHAINS * DRAWS) / DIM) ** 0.5
     assert not report["warnings"]
+    printed = format_diagnostics(tmp_path / "on" / "on" / "scores_pw")
+    assert f"Linear control variate: on a {DIM}-dimensional span; the chains' variance there is" in printed
     raw = _scores(tmp_path / "off", model, task, x, y, "off", linear_control_variate=False)
 
     full = cov.clone()

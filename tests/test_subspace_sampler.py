@@ -17,7 +17,7 @@ from torch import nn
 from kronfluence_bif import Analyzer, BIFArguments, prepare_model
 from kronfluence_bif.checkpoints import CheckpointStore
 from kronfluence_bif.curvature import CurvatureSketch
-from kronfluence_bif.diagnostics import preconditioned_sharpness
+from kronfluence_bif.diagnostics import format_diagnostics, preconditioned_sharpness
 from kronfluence_bif.samplers import SAMPLERS, SketchSGLD, SubspaceSGLD
 from kronfluence_bif.samplers.subspace import positive_curvature, rayleigh_ritz
 
@@ -315,6 +315,8 @@ def test_a_loss_without_double_backward_falls_back_to_the_sketch_eigenvalues(tmp
     report = json.loads((tmp_path / "sub" / "scores_pw" / "bif_diagnostics.json").read_text())
     assert report["linear_control_variate"]["applied"] is False
     assert any(w["code"] == "linear_control_variate" and "num_draws" in w["message"] for w in report["warnings"])
+    printed = format_diagnostics(tmp_path / "sub" / "scores_pw")
+    assert "Linear control variate: off (no Rayleigh-Ritz values" in printed
 
 
 def test_a_collapsed_sketch_span_is_warned(tmp_path, trained_mlp, small_data, caplog):
