@@ -139,8 +139,7 @@ class BIFArguments:
         "along each of the k directions: 2k evaluations at w* per run, split over the processes' chain groups (again "
         "per column block), and (n + q) x k float64 (columns: tokens for per-token scores). Needs the chain's Ritz "
         "values on the full batch (else off, logged and recorded in bif_diagnostics.json). None: the sampler's "
-        "default (subspace_sgld True); "
-        "samplers that move every weight ignore it (False).",
+        "default (subspace_sgld True); samplers that move every weight ignore it (False).",
         default=None,
     )
     normalize: bool = _help("Pearson correlation instead of covariance (the paper's normalized BIF).", default=False)

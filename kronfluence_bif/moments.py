@@ -134,22 +134,20 @@ class CrossMoments:
             "diagonal": torch.tensor([int(self.diagonal)], dtype=torch.int64),
             **{name: getattr(self, name).cpu() for name in SUM_NAMES},
         }
-        if self.coordinates is not None:
-            state.update({f"{COORDINATES}.{name}": getattr(self.coordinates, name).cpu() for name in SUM_NAMES})
+        if self.coordinates is not None:  # their own state, under a prefix
+            state.update({f"{COORDINATES}.{k}": v for k, v in self.coordinates.state_dict().items()})
         return state
 
     @classmethod
     def from_state_dict(cls, state: Dict[str, torch.Tensor], device: Optional[torch.device] = None) -> CrossMoments:
-        rank = state[f"{COORDINATES}.sum_x"].numel() if f"{COORDINATES}.sum_x" in state else 0
-        dims = (state["sum_x"].numel(), state["sum_y"].numel())
-        moments = cls(*dims, bool(int(state["diagonal"][0])), device, coordinates=rank)
+        moments = cls(state["sum_x"].numel(), state["sum_y"].numel(), bool(int(state["diagonal"][0])), device)
         moments.count = int(state["count"][0])
         for name in SUM_NAMES:
             getattr(moments, name).copy_(state[name])
-            if moments.coordinates is not None:
-                getattr(moments.coordinates, name).copy_(state[f"{COORDINATES}.{name}"])
-        if moments.coordinates is not None:
-            moments.coordinates.count = moments.count
+        prefix = f"{COORDINATES}."
+        nested = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        if nested:
+            moments.coordinates = cls.from_state_dict(nested, device)
         return moments
 
 
@@ -173,8 +171,6 @@ def place_owned(part: CrossMoments, own: torch.Tensor, dim_x: int, dim_y: int, w
             full.sum_yy.copy_(part.sum_yy)
     if full.coordinates is not None and with_y:  # every member tracks the same chain: the leader counts it
         full.coordinates.merge_(part.coordinates)
-    elif full.coordinates is not None:
-        full.coordinates.count = part.count
     full.count = part.count
     return full
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import PIN_ARGS, PlainRegressionTask, fit, make_mlp, state_copy
 from test_per_token import ARGS as TOKEN_ARGS
-from test_per_token import Bigram, TokenData, TokenTask
+from test_per_token import TokenData, TokenTask, trained_bigram
 from test_resume import ARGS as RESUME_ARGS
 from test_resume import Interrupt, _interrupt_after_saves
 from torch import nn
@@ -100,15 +100,9 @@ def test_the_default_on_cpu_runs_one_chain_at_a_time(tmp_path, trained_mlp, smal
 
 
 def test_per_token_scores_in_lockstep(tmp_path, calls):
-    torch.manual_seed(0)
     train, query = TokenData(24, 0), TokenData(3, 1, prompt=3)
-    model, task = Bigram(), TokenTask()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-2)
-    for _ in range(100):
-        opt.zero_grad()
-        (task.compute_train_loss({"input_ids": train.ids, "labels": train.labels}, model) / len(train)).backward()
-        opt.step()
-    model = prepare_model(model, task)
+    task = TokenTask()
+    model = prepare_model(trained_bigram(train, 100), task)
     out = {}
     for batch_chains in (False, True):
         folder = tmp_path / str(batch_chains)

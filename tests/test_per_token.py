@@ -85,19 +85,24 @@ ARGS = dict(
 )
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def trained_bigram(train: TokenData, steps: int) -> Bigram:
+    """A `Bigram` trained on `train` for `steps` full-batch Adam steps (seeded: the same weights every call)."""
     torch.manual_seed(0)
-    train, query = TokenData(24, 0), TokenData(3, 1, prompt=3)
-    model = Bigram()
+    model, task = Bigram(), TokenTask()
     opt = torch.optim.Adam(model.parameters(), lr=3e-2)
-    task = TokenTask()
     batch = {"input_ids": train.ids, "labels": train.labels}
-    for _ in range(200):
+    for _ in range(steps):
         opt.zero_grad()
         (task.compute_train_loss(batch, model) / len(train)).backward()
         opt.step()
-    model = prepare_model(model, task)
+    return model
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    train, query = TokenData(24, 0), TokenData(3, 1, prompt=3)
+    task = TokenTask()
+    model = prepare_model(trained_bigram(train, 200), task)
     out = tmp_path_factory.mktemp("tok")
     analyzer = Analyzer("t", model, task, cpu=True, output_dir=str(out), disable_tqdm=True, strategy="bif")
     analyzer.fit_all_factors("bif", train, bif_args=BIFArguments(**ARGS))
