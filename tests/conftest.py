@@ -6,6 +6,7 @@ import gc
 import logging
 import os
 import platform
+import re
 from pathlib import Path
 from typing import Any
 
@@ -104,8 +105,9 @@ def assert_bitwise_equal(model: nn.Module, saved: dict) -> None:
 
 # ---------------------------------------------------------------------------------------------- pinned numbers
 PINS = Path(__file__).parent / "data" / "pinned_scores.safetensors"  # recorded before the refactor (AVX512)
-# the same runs recorded on other CPU code paths (after the refactor, which kept the AVX512 ones bitwise)
-PINS_ELSEWHERE = Path(__file__).parent / "data" / "pinned_scores.{capability}.safetensors"
+# the same runs recorded on other CPUs (after the refactor, which kept the original ones bitwise), one file per
+# environment; the file name is the environment's slug
+PINS_ELSEWHERE = Path(__file__).parent / "data" / "pinned_scores.{slug}.safetensors"
 RECORD_PINS = os.environ.get("KBIF_RECORD_PINS") == "1"
 # the BIFArguments of the pinned sampler runs (test_pinned.py), also used to compare other paths with them
 PIN_ARGS = dict(
@@ -123,9 +125,21 @@ PIN_ARGS = dict(
 )
 
 
+def _cpu_model() -> str:
+    """The CPU's vendor and model name: two CPUs on the same torch code path can still round differently (an
+    AMD EPYC and an Intel Xeon, both AVX512, do: their oneDNN/MKL kernels differ)."""
+    fields = {}
+    cpuinfo = Path("/proc/cpuinfo")
+    for line in cpuinfo.read_text().splitlines() if cpuinfo.exists() else []:
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    return f"{fields.get('vendor_id', platform.processor() or 'unknown')} {fields.get('model name', '')}".strip()
+
+
 def pin_environment() -> str:
-    """What bitwise equality of float kernels depends on: torch's build and the CPU code path it takes."""
-    return f"torch {torch.__version__.split('+')[0]} / {platform.machine()} / {torch.backends.cpu.get_cpu_capability()}"
+    """What bitwise equality of float kernels depends on: torch's build, the CPU code path it takes, the CPU."""
+    torch_version = torch.__version__.split("+")[0]
+    return f"torch {torch_version} / {platform.machine()} / {torch.backends.cpu.get_cpu_capability()} / {_cpu_model()}"
 
 
 def _recorded_here(path: Path) -> bool:
@@ -134,19 +148,20 @@ def _recorded_here(path: Path) -> bool:
 
 
 def _pin_file() -> Path:
-    """The pins of this environment's CPU code path: the original file where they were recorded, else its own."""
+    """The pins of this environment: the original file where they were recorded, else this environment's own."""
     if _recorded_here(PINS):
         return PINS
-    return Path(str(PINS_ELSEWHERE).format(capability=torch.backends.cpu.get_cpu_capability()))
+    slug = re.sub(r"[^A-Za-z0-9.]+", "_", pin_environment()).strip("_")
+    return Path(str(PINS_ELSEWHERE).format(slug=slug))
 
 
 def check_pinned(key: str, value: torch.Tensor) -> None:
     """`value` must equal the number recorded under `key` before the architecture refactor (issue 13).
 
-    Bitwise where the pins of this environment (torch build and CPU code path) were recorded; elsewhere, where
-    float kernels round differently and a chain's rounding differences grow step by step, within 1e-4 relative to
-    the largest entry (AVX2 against the AVX512 pins measured at most 1.9e-5). `KBIF_RECORD_PINS=1` records this
-    environment's pins (its own file unless it is the original's).
+    Bitwise where the pins of this environment (torch build, CPU code path and CPU model) were recorded; elsewhere,
+    where float kernels round differently and a chain's rounding differences grow step by step, within 1e-4
+    relative to the largest entry of the original pins (AVX2 against AVX512 measured at most 1.9e-5).
+    `KBIF_RECORD_PINS=1` records this environment's pins (its own file unless it is the original's).
     """
     value = value.detach().cpu().contiguous()
     own = _pin_file()
