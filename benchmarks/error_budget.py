@@ -3,6 +3,7 @@
     python benchmarks/error_budget.py --task uci --retrains 60
     python benchmarks/error_budget.py --task digits --retrains 40 --settings '[[1e3, 1e3], [1e5, 1e3]]'
     python benchmarks/error_budget.py --task uci --exact-grid      # the exact estimand by nbeta x damping only
+    python benchmarks/error_budget.py --task digits --retrains 40 --exact-grid --fraction 0.1  # on random tenths
 
 For each setting (nbeta, localization), i.e. damping d = localization / nbeta, the rows are:
 
@@ -228,12 +229,13 @@ def main() -> None:
     parser.add_argument("--settings", default=json.dumps(DEFAULT_SETTINGS), help="JSON [[nbeta, localization], ...]")
     parser.add_argument("--samplers", default=json.dumps(DEFAULT_SAMPLERS), help="JSON list of BIFArguments overrides")
     parser.add_argument("--draws", type=int, default=1600, help="total draws (i.i.d. rows; samplers: 4 chains)")
+    parser.add_argument("--fraction", type=float, default=0.5, help="retrain fraction of the LDS subsets")
     parser.add_argument("--cache", default="./benchmark_results")
     parser.add_argument("--exact-grid", action="store_true", help="only the exact estimand's LDS by nbeta and damping")
     parser.add_argument("--float32", action="store_true", help="Jacobians and kernel in float32 (digits: faster)")
     args = parser.parse_args()
     set_threads(1)
-    setup = LDSSetup.load(args.task, args.retrains, args.cache)
+    setup = LDSSetup.load(args.task, args.retrains, args.cache, args.fraction)
     rows: List[Dict[str, Any]] = []
 
     model = prepare_model(setup.fit(setup.train, 0), setup.task)

@@ -44,6 +44,7 @@ def main() -> None:
     parser.add_argument("--retrains", type=int, default=60)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--draws", type=int, nargs="+", default=[100], help="draws per chain, one row each")
+    parser.add_argument("--overrides", default="{}", help="JSON dict of BIFArguments fields for every run")
     parser.add_argument("--cache", default="./benchmark_results")
     args = parser.parse_args()
     set_threads(1)
@@ -58,7 +59,8 @@ def main() -> None:
         for draws in args.draws:
             row = {"seed": seed, "draws": draws}
             for flag in (False, True):
-                bif = BIFArguments(seed=seed, num_draws=draws, checkpoint_interval=0, linear_control_variate=flag)
+                fields = {"seed": seed, "num_draws": draws, "checkpoint_interval": 0, **json.loads(args.overrides)}
+                bif = BIFArguments(**fields, linear_control_variate=flag)
                 scores, seconds = setup.score(analyzer, "bif", "bif", bif)
                 name = "with" if flag else "without"
                 row[name] = [round(s.lds(scores), 3) for s in setups]

@@ -135,8 +135,9 @@ class BIFArguments:
         "For chains that move on a span (subspace_sgld): take the covariance of each evaluated value's linear part on "
         "the span, J c, from the quadratic posterior the chain samples there instead of from the draws (scores = "
         "Cov_draws(x, y) - J_y C J_x^T + J_y diag(1 / (nbeta s + localization)) J_x^T, C the draws' covariance of "
-        "c), so only the rest of the BIF is Monte Carlo. J by central secants at +-1 posterior standard deviation "
-        "along each of the k directions: 2k evaluations at w* per run, split over the processes' chain groups (again "
+        "c), so only the rest of the BIF is Monte Carlo. J by central secants at +-sqrt(3) posterior standard "
+        "deviations along each of the k directions: 2k evaluations at w* per run, split over the processes' chain "
+        "groups (again "
         "per column block), and (n + q) x k float64 (columns: tokens for per-token scores). Needs the chain's Ritz "
         "values on the full batch (else off, logged and recorded in bif_diagnostics.json). None: the sampler's "
         "default (subspace_sgld True); samplers that move every weight ignore it (False).",
