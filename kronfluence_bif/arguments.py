@@ -143,6 +143,15 @@ class BIFArguments:
         "default (subspace_sgld True); samplers that move every weight ignore it (False).",
         default=None,
     )
+    antithetic_chains: Optional[bool] = _help(
+        "Pair the chains antithetically: chain 2j + 1 draws chain 2j's noise negated (and its minibatches), so where "
+        "the drift is linear it is chain 2j reflected through w*. Each chain alone is still exact; the pair cancels "
+        "the odd-order parts of the values (one value's linear part times another's quadratic part) in the pooled "
+        "moments, the larger part of the Monte-Carlo error the linear control variate leaves, while the even-order "
+        "parts get half as many independent draws. Chains remain a function of (seed, chain). None: the sampler's "
+        "default (subspace_sgld True, the others False).",
+        default=None,
+    )
     normalize: bool = _help("Pearson correlation instead of covariance (the paper's normalized BIF).", default=False)
     seed: int = _help("Base seed; chain c is seeded by (seed, c), independent of the number of processes.", default=0)
     rmsprop_alpha: float = _help("EMA decay of the squared-gradient average of RMSprop-SGLD.", default=0.99)
@@ -331,7 +340,7 @@ class BIFArguments:
         ):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"BIFArguments.{name} must be True or False, got {getattr(self, name)!r}.")
-        for name in ("center_gradient", "control_variate", "linear_control_variate"):
+        for name in ("center_gradient", "control_variate", "linear_control_variate", "antithetic_chains"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, bool):
                 raise ValueError(

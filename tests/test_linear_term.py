@@ -16,6 +16,7 @@ import pytest
 import torch
 from conftest import make_mlp, make_regression, state_copy
 from kronfluence.task import Task
+from safetensors.torch import load_file
 from test_per_token import T, TokenData, TokenTask, trained_bigram
 from torch import nn
 from torch.utils.data import TensorDataset
@@ -126,7 +127,7 @@ def test_on_a_quadratic_posterior_the_leading_term_is_exact_and_only_the_rest_is
     cov = r[:, None] * r[None, :] * s + 0.5 * s**2
     expected = {"pairwise": cov[N_TRAIN:, :N_TRAIN], "self": cov.diagonal()[:N_TRAIN]}
     with caplog.at_level(logging.INFO, logger="kronfluence_bif"):
-        controlled = _scores(tmp_path / "on", model, task, x, y, "on")
+        controlled = _scores(tmp_path / "on", model, task, x, y, "on", antithetic_chains=False)  # i.i.d., as simulated
     assert "linear part on the 4-dimensional span, by 8 evaluations" in caplog.text
     report = json.loads((tmp_path / "on" / "on" / "scores_pw" / "bif_diagnostics.json").read_text())
     applied = report["linear_control_variate"]
@@ -136,7 +137,7 @@ def test_on_a_quadratic_posterior_the_leading_term_is_exact_and_only_the_rest_is
     assert not report["warnings"]
     printed = format_diagnostics(tmp_path / "on" / "on" / "scores_pw")
     assert f"Linear control variate: on a {DIM}-dimensional span; the chains' variance there is" in printed
-    raw = _scores(tmp_path / "off", model, task, x, y, "off", linear_control_variate=False)
+    raw = _scores(tmp_path / "off", model, task, x, y, "off", linear_control_variate=False, antithetic_chains=False)
 
     full = cov.clone()
     rms_raw, rms_controlled = _simulated_errors(s_cov, x, r, full)
@@ -230,6 +231,13 @@ def test_off_where_the_span_is_not_the_chains_own_and_for_samplers_that_move_eve
     assert tiny.sampler_batch_size is None and tiny.num_draws == 100
     with pytest.raises(ValueError, match="linear_control_variate"):
         BIFArguments(linear_control_variate="yes")
+    # antithetic pairs: subspace-SGLD's default, off for the others unless asked
+    assert BIFArguments(sampler="subspace_sgld").antithetic_chains is True
+    assert BIFArguments(sampler="rmsprop_sgld").antithetic_chains is False
+    assert BIFArguments(sampler="sgld", antithetic_chains=True).antithetic_chains is True
+    assert BIFArguments().resolved(30_000, 900, 1000).antithetic_chains is True
+    with pytest.raises(ValueError, match="antithetic_chains"):
+        BIFArguments(antithetic_chains=1)
 
 
 def test_per_token_values_keep_their_sums_and_their_masked_zeros(tmp_path, caplog):
@@ -311,3 +319,47 @@ def test_what_the_diagnostics_say_of_the_control_variate():
     applied = {"applied": True, "span_rank": 8, "coordinate_variance_ratio": 1.03}
     assert codes(applied) == [] and summarize(traces, [], args, None, applied)["linear_control_variate"] == applied
     assert codes({**applied, "coordinate_variance_ratio": 2.5}) == ["linear_control_variate"]
+
+
+def _antithetic_errors(s_cov, x, r, expected, replicas=200):
+    """RMS relative Frobenius error of the controlled estimate from CHAINS x DRAWS draws in antithetic pairs (each
+    i.i.d. draw d with its mirror -d, as two mirrored i.i.d. chains give): the antithetic estimator's own spread."""
+    gen = torch.Generator().manual_seed(2)
+    root = torch.linalg.cholesky(s_cov)
+    xd = x.double()
+    exact_linear = (r[:, None] * r[None, :]) * (xd @ s_cov @ xd.T)
+    errors = []
+    for _ in range(replicas):
+        half = torch.randn(CHAINS * DRAWS // 2, DIM, generator=gen, dtype=F64) @ root.T
+        _, controlled = _estimates(torch.cat([half, -half]), x, r)
+        errors.append((controlled + exact_linear - expected).norm() / expected.norm())
+    return torch.tensor(errors).square().mean().sqrt()
+
+
+def test_antithetic_chains_mirror_each_other_and_keep_the_estimate_within_its_spread(tmp_path):
+    """Subspace-SGLD's default pairs the chains: on a quadratic posterior with the drift centred at w* (linear),
+    chain 1 is chain 0 reflected through w*, step for step, so every even function of w - w* (the distance, the
+    train loss at a least-squares w*) has the same trace; the scores stay within the antithetic estimator's own
+    simulated spread, and turning the pairing off gives independent chains."""
+    x, y, model = _linear_problem()
+    task = SampledHalfSquares()
+    model = prepare_model(model, task)
+    s_cov, r = _posterior(x, y, model)
+    s = x.double() @ s_cov @ x.double().T
+    cov = r[:, None] * r[None, :] * s + 0.5 * s**2
+    paired = _scores(tmp_path / "paired", model, task, x, y, "paired")
+    traces = load_file(str(tmp_path / "paired" / "paired" / "scores_pw" / "bif_traces.safetensors"))
+    for name in ("distance_from_w_star", "mean_train_loss"):  # the distance is traced at every 8th draw
+        kept = torch.isfinite(traces[name][0])
+        first, second = traces[name][0][kept].double(), traces[name][1][kept].double()
+        assert torch.allclose(first, second, rtol=1e-4, atol=1e-7), name  # float32 steps: rounding only
+        assert float((first - first.mean()).abs().max()) > 1e-2 * float(first.abs().max()), name  # it moves
+    rms = float(_antithetic_errors(s_cov, x, r, cov))
+    err = float((paired[0] - cov[N_TRAIN:, :N_TRAIN]).norm() / cov[N_TRAIN:, :N_TRAIN].norm())
+    print(f"antithetic: relative error {err:.4f}, simulated RMS {rms:.4f}")
+    assert err < 4 * rms
+    independent = _scores(tmp_path / "free", model, task, x, y, "free", antithetic_chains=False)
+    traces = load_file(str(tmp_path / "free" / "free" / "scores_pw" / "bif_traces.safetensors"))
+    distance = traces["distance_from_w_star"][:, torch.isfinite(traces["distance_from_w_star"][0])]
+    assert float((distance[0] - distance[1]).abs().max()) > 1e-2 * float(distance[0].abs().max())
+    assert not torch.equal(independent[0], paired[0])

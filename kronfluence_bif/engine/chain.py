@@ -18,7 +18,7 @@ import torch
 from kronfluence_bif.distributed import WorkPlan
 from kronfluence_bif.engine.evaluation import _Layout
 from kronfluence_bif.engine.guards import DivergenceGuard
-from kronfluence_bif.engine.seeds import chain_seed, stream_seed
+from kronfluence_bif.engine.seeds import mirrors, noise_generator, stream_generator
 from kronfluence_bif.logs import logger
 from kronfluence_bif.moments import COORDINATES, CrossMoments
 from kronfluence_bif.samplers import LinearSpan, Sampler, make_sampler
@@ -89,7 +89,7 @@ class Chain:
         eng.weights.reset()
         sampler = self._make_sampler()
         self._track_span(sampler)
-        eng.stream.reset(torch.Generator().manual_seed(stream_seed(args.seed, self.chain)))
+        eng.stream.reset(stream_generator(args.seed, self.chain, args.antithetic_chains))
         resumed = self._load()
         if resumed is not None:
             moments, start, step, summary = self._restore(resumed, sampler)
@@ -126,8 +126,10 @@ class Chain:
 
     def _make_sampler(self) -> Sampler:
         eng = self.engine
-        generator = torch.Generator(device=eng.device).manual_seed(chain_seed(self.args.seed, self.chain))
-        return make_sampler(self.args, eng.weights.masters, eng.weights.anchors, generator, eng.context)
+        args, chain = self.args, self.chain
+        generator = noise_generator(args.seed, chain, args.antithetic_chains, eng.device)
+        mirror = mirrors(chain, args.antithetic_chains)
+        return make_sampler(args, eng.weights.masters, eng.weights.anchors, generator, eng.context, mirror)
 
     def _track_span(self, sampler: Sampler) -> None:
         """Keep the draws' span coordinates when the linear control variate applies (the run's span: the first)."""

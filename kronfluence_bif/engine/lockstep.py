@@ -26,7 +26,7 @@ from kronfluence_bif.batched import ChainBatch, stack_batches
 from kronfluence_bif.data import MinibatchStream
 from kronfluence_bif.engine.chain import Chain, RunState
 from kronfluence_bif.engine.gradients import with_control_variate
-from kronfluence_bif.engine.seeds import chain_seed, stream_seed
+from kronfluence_bif.engine.seeds import chain_seed, mirrors, noise_generator, stream_generator
 from kronfluence_bif.logs import logger
 from kronfluence_bif.loss_views import PerExampleView
 from kronfluence_bif.moments import CrossMoments
@@ -187,15 +187,17 @@ class Lane(Chain):
         super().__init__(engine, own, chain)
         self.params = params
         self.stream = MinibatchStream(engine.stream.source, engine.stream.batch_size)
-        self.stream.reset(torch.Generator().manual_seed(stream_seed(self.args.seed, chain)))
+        self.stream.reset(stream_generator(self.args.seed, chain, self.args.antithetic_chains))
         self.sampler = self._make_sampler()
         self._track_span(self.sampler)
         self.moments = self._new_moments()
 
     def _make_sampler(self) -> Sampler:
         eng = self.engine
-        generator = torch.Generator(device=eng.device).manual_seed(chain_seed(self.args.seed, self.chain))
-        return make_sampler(self.args, self.params, eng.weights.anchors, generator, eng.context)
+        args, chain = self.args, self.chain
+        generator = noise_generator(args.seed, chain, args.antithetic_chains, eng.device)
+        mirror = mirrors(chain, args.antithetic_chains)
+        return make_sampler(args, self.params, eng.weights.anchors, generator, eng.context, mirror)
 
     def _masters_state(self) -> Dict[str, torch.Tensor]:
         return {f"master.{i}": p for i, p in enumerate(self.params)}

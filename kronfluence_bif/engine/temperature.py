@@ -31,7 +31,7 @@ import torch
 from kronfluence_bif.arguments import BIFArguments
 from kronfluence_bif.diagnostics import SHARPNESS_LIMIT
 from kronfluence_bif.engine.guards import probe_sharpness
-from kronfluence_bif.engine.seeds import chain_seed, stream_seed
+from kronfluence_bif.engine.seeds import mirrors, noise_generator, stream_generator
 from kronfluence_bif.logs import logger
 from kronfluence_bif.samplers import make_sampler, sampler_class
 
@@ -155,9 +155,10 @@ def _pilot_chain(
     the steps end at the probe (no rise measured)."""
     eng = engine
     eng.weights.reset()
-    generator = torch.Generator(device=eng.device).manual_seed(chain_seed(args.seed, chain))
-    sampler = make_sampler(args, eng.weights.masters, eng.weights.anchors, generator, eng.context)
-    eng.stream.reset(torch.Generator().manual_seed(stream_seed(args.seed, chain)))
+    generator = noise_generator(args.seed, chain, args.antithetic_chains, eng.device)
+    mirror = mirrors(chain, args.antithetic_chains)
+    sampler = make_sampler(args, eng.weights.masters, eng.weights.anchors, generator, eng.context, mirror)
+    eng.stream.reset(stream_generator(args.seed, chain, args.antithetic_chains))
     size = eng.stream.batch_size
     steps = args.num_burnin_steps + PILOT_STEPS
     losses = torch.empty(steps, dtype=torch.float64, device=eng.device)

@@ -69,10 +69,17 @@ def sampler_class(name: str) -> Type[Sampler]:
 
 
 def make_sampler(
-    args: BIFArguments, params: Vectors, anchors: Vectors, generator: torch.Generator, context: SamplerContext
+    args: BIFArguments,
+    params: Vectors,
+    anchors: Vectors,
+    generator: torch.Generator,
+    context: SamplerContext,
+    mirror: bool = False,
 ) -> Sampler:
-    """One chain's sampler of `args.sampler`, centred at w* when `args.center_gradient` (the engines' one entry)."""
+    """One chain's sampler of `args.sampler`, centred at w* when `args.center_gradient`, negating its noise when
+    `mirror` (an antithetic chain, `engine/seeds.py`); the engines' one entry."""
     sampler = sampler_class(args.sampler).build(params, anchors, args, generator, context)
+    sampler.mirror = mirror
     if args.center_gradient:
         sampler.center(context.anchor_gradient())
     return sampler
@@ -151,6 +158,7 @@ class Sampler:
         "center_gradient": False,
         "control_variate": False,
         "linear_control_variate": False,
+        "antithetic_chains": False,
         "num_draws": 400,
     }
     # (nbeta, localization) rungs the temperature pilot tries in this order before falling back to `defaults`
@@ -192,6 +200,7 @@ class Sampler:
         # when set, each step records the norms of its loss-gradient, localization and noise moves (diagnostics)
         self.track_norms = False
         self.last_norms: Optional[torch.Tensor] = None
+        self.mirror = False  # negate every noise draw: an antithetic chain's (`make_sampler`)
 
     # ------------------------------------------------------------------ declared by each sampler
     @classmethod
@@ -229,6 +238,8 @@ class Sampler:
         self._adapt(drift)
         diff = self._offset()
         noise = self._sample_noise()
+        if self.mirror:
+            torch._foreach_neg_(noise)
         self._move(drift, diff, noise)
         self.num_steps += 1
 

@@ -63,6 +63,7 @@ class SubspaceSGLD(SketchSGLD):
         "center_gradient": True,
         "control_variate": True,
         "linear_control_variate": True,
+        "antithetic_chains": True,
         "num_draws": 100,  # the linear control variate on: UCI LDS 0.314-0.319; 4 x 400 without it 0.302-0.322
     }
     # in order of preference: hotter at the defaults' damping 0.01 (UCI LDS 0.307 -> 0.347; digits diverges at
