@@ -79,17 +79,18 @@ def _estimates(draws, x, r):
     return cov(values, values), cov(values, values) - cov(linear, linear)
 
 
-def _simulated_errors(s_cov, x, r, expected, replicas=200):
+def _simulated_errors(s_cov, x, r, expected, replicas=200, antithetic=False):
     """RMS relative Frobenius errors of the raw and the controlled estimate (their exact linear part added) over
-    i.i.d. replicas of CHAINS x DRAWS draws: the estimators' own spread."""
-    gen = torch.Generator().manual_seed(1)
+    i.i.d. replicas of CHAINS x DRAWS draws: the estimators' own spread. `antithetic`: the draws come in pairs d,
+    -d (each i.i.d. draw with its mirror, as two mirrored chains at step 2 give)."""
+    gen = torch.Generator().manual_seed(2 if antithetic else 1)
     root = torch.linalg.cholesky(s_cov)
     xd = x.double()
     exact_linear = (r[:, None] * r[None, :]) * (xd @ s_cov @ xd.T)
     errors = []
     for _ in range(replicas):
-        draws = torch.randn(CHAINS * DRAWS, DIM, generator=gen, dtype=F64) @ root.T
-        raw, controlled = _estimates(draws, x, r)
+        draws = torch.randn(CHAINS * DRAWS // (2 if antithetic else 1), DIM, generator=gen, dtype=F64) @ root.T
+        raw, controlled = _estimates(torch.cat([draws, -draws]) if antithetic else draws, x, r)
         errors.append([(est - expected).norm() / expected.norm() for est in (raw, controlled + exact_linear)])
     return torch.tensor(errors).square().mean(0).sqrt()
 
@@ -321,21 +322,6 @@ def test_what_the_diagnostics_say_of_the_control_variate():
     assert codes({**applied, "coordinate_variance_ratio": 2.5}) == ["linear_control_variate"]
 
 
-def _antithetic_errors(s_cov, x, r, expected, replicas=200):
-    """RMS relative Frobenius error of the controlled estimate from CHAINS x DRAWS draws in antithetic pairs (each
-    i.i.d. draw d with its mirror -d, as two mirrored i.i.d. chains give): the antithetic estimator's own spread."""
-    gen = torch.Generator().manual_seed(2)
-    root = torch.linalg.cholesky(s_cov)
-    xd = x.double()
-    exact_linear = (r[:, None] * r[None, :]) * (xd @ s_cov @ xd.T)
-    errors = []
-    for _ in range(replicas):
-        half = torch.randn(CHAINS * DRAWS // 2, DIM, generator=gen, dtype=F64) @ root.T
-        _, controlled = _estimates(torch.cat([half, -half]), x, r)
-        errors.append((controlled + exact_linear - expected).norm() / expected.norm())
-    return torch.tensor(errors).square().mean().sqrt()
-
-
 def test_antithetic_chains_mirror_each_other_and_keep_the_estimate_within_its_spread(tmp_path):
     """Subspace-SGLD's default pairs the chains: on a quadratic posterior with the drift centred at w* (linear),
     chain 1 is chain 0 reflected through w*, step for step, so every even function of w - w* (the distance, the
@@ -354,7 +340,7 @@ def test_antithetic_chains_mirror_each_other_and_keep_the_estimate_within_its_sp
         first, second = traces[name][0][kept].double(), traces[name][1][kept].double()
         assert torch.allclose(first, second, rtol=1e-4, atol=1e-7), name  # float32 steps: rounding only
         assert float((first - first.mean()).abs().max()) > 1e-2 * float(first.abs().max()), name  # it moves
-    rms = float(_antithetic_errors(s_cov, x, r, cov))
+    rms = float(_simulated_errors(s_cov, x, r, cov, antithetic=True)[1])
     err = float((paired[0] - cov[N_TRAIN:, :N_TRAIN]).norm() / cov[N_TRAIN:, :N_TRAIN].norm())
     print(f"antithetic: relative error {err:.4f}, simulated RMS {rms:.4f}")
     assert err < 4 * rms
