@@ -55,8 +55,8 @@ class BIFArguments:
     EK-FAC on the UCI concrete MLP (8-128-128-128-1) and a scikit-learn digits MLP (64-128-128-10). `sampler="auto"`
     takes `subspace_sgld` where its span fits: the full-batch gradient, the temperature pilot's nbeta / localization,
     the linear control variate, antithetic chain pairs, 4 chains x 100 draws (UCI LDS 0.333-0.341 on three seeds
-    against EK-FAC's 0.290, digits 0.96-1.00x of EK-FAC). Elsewhere RMSprop-SGLD, frozen after burn-in, step 3e-4, nbeta 1e3, localization
-    1e3, m 64, 4 x 400 draws.
+    against EK-FAC's 0.290, digits 0.96-1.00x of EK-FAC). Elsewhere RMSprop-SGLD, frozen after burn-in, step 3e-4,
+    nbeta 1e3, localization 1e3, m 64, 4 x 400 draws.
     """
 
     sampler: str = _help(

@@ -11,7 +11,13 @@ from conftest import PlainRegressionTask, fit, make_mlp, make_regression
 
 from kronfluence_bif import Analyzer, BIFArguments, prepare_model, storage
 from kronfluence_bif.cli import main as cli
-from kronfluence_bif.diagnostics import effective_sample_size, preconditioned_sharpness, split_rhat, summarize
+from kronfluence_bif.diagnostics import (
+    effective_sample_size,
+    pair_means,
+    preconditioned_sharpness,
+    split_rhat,
+    summarize,
+)
 from kronfluence_bif.engine import STEP_TRACES, SamplingResult, traced_draws
 from kronfluence_bif.scoring import BIFScorer
 
@@ -43,6 +49,23 @@ def test_split_rhat_detects_disagreeing_chains():
     assert split_rhat(shifted) > 1.5
     drifting = mixed + np.linspace(0, 6, 1000)[None, :]  # one chain split in halves disagrees with itself
     assert split_rhat(drifting[:1]) > 1.5
+
+
+def test_rhat_of_antithetic_pairs_compares_the_pairs():
+    """Mirrored pairs share their even traces: R-hat over the pairs' means, not over near-duplicate chains."""
+    pairs = _ar1(0.5, 1000, 2) + np.arange(2)[:, None] * 0.15  # two pairs whose means disagree a little
+    duplicated = np.repeat(pairs, 2, axis=0)  # chains 0, 1 the first pair, 2, 3 the second
+    assert np.array_equal(pair_means(duplicated, True), pairs)
+    assert np.array_equal(pair_means(duplicated, False), duplicated)
+    odd = np.concatenate([duplicated, pairs[:1]])  # a fifth chain without a partner stays itself
+    assert np.array_equal(pair_means(odd, True), np.concatenate([pairs, pairs[:1]]))
+    # counted as four chains the duplicates understate the between-chain variance (factor 2/3 in expectation)
+    assert split_rhat(pair_means(duplicated, True)) > split_rhat(duplicated)
+    traces = {"mean_train_loss": torch.from_numpy(duplicated)}
+    for antithetic in (True, False):
+        args = BIFArguments(sampler="subspace_sgld", antithetic_chains=antithetic)
+        expected = split_rhat(pair_means(duplicated, antithetic))
+        assert summarize(traces, [], args)["rhat_mean_train_loss"] == pytest.approx(expected, rel=1e-12)
 
 
 def test_preconditioned_sharpness_of_a_quadratic():
