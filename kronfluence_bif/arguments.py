@@ -149,7 +149,7 @@ class BIFArguments:
         "the odd-order parts of the values (one value's linear part times another's quadratic part) in the pooled "
         "moments, the larger part of the Monte-Carlo error the linear control variate leaves, while the even-order "
         "parts get half as many independent draws. Chains remain a function of (seed, chain). None: the sampler's "
-        "default (subspace_sgld True, the others False).",
+        "default (subspace_sgld True with its linear control variate, else False).",
         default=None,
     )
     normalize: bool = _help("Pearson correlation instead of covariance (the paper's normalized BIF).", default=False)

@@ -237,6 +237,10 @@ def test_off_where_the_span_is_not_the_chains_own_and_for_samplers_that_move_eve
     assert BIFArguments(sampler="rmsprop_sgld").antithetic_chains is False
     assert BIFArguments(sampler="sgld", antithetic_chains=True).antithetic_chains is True
     assert BIFArguments().resolved(30_000, 900, 1000).antithetic_chains is True
+    # not where the linear control variate is off: a minibatch, or asked off
+    assert BIFArguments().resolved(30_000, 90_000, 1000).antithetic_chains is False
+    assert BIFArguments(sampler="subspace_sgld", linear_control_variate=False).antithetic_chains is False
+    assert BIFArguments(sampler="subspace_sgld", sampler_batch_size=16, antithetic_chains=True).antithetic_chains
     with pytest.raises(ValueError, match="antithetic_chains"):
         BIFArguments(antithetic_chains=1)
 
