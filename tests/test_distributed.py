@@ -195,6 +195,7 @@ def test_two_processes_equal_one_with_the_defaults(one_process, two_processes):
         assert max_rel_diff(two, one) < 1e-5
         report = json.loads((two_processes / "defaults" / SCORE_DIRS[kind] / "bif_diagnostics.json").read_text())
         assert report["sampler_arguments"]["sampler"] == "subspace_sgld"
+        assert report["sampler_arguments"]["antithetic_chains"] is True  # pairs, whichever process holds each chain
         # the temperature pilot's verdicts are gathered: both layouts sample at the same rung
         alone = json.loads((one_process / "defaults" / SCORE_DIRS[kind] / "bif_diagnostics.json").read_text())
         for name in ("nbeta", "localization", "calibrate_temperature"):

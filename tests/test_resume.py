@@ -76,6 +76,23 @@ def test_interrupted_run_resumes_bitwise(tmp_path, prepared, small_data, monkeyp
     assert not (folder / CHECKPOINT_DIR).exists()
 
 
+def test_an_interrupted_mirrored_chain_resumes_its_mirrored_noise(tmp_path, prepared, small_data, monkeypatch):
+    """Antithetic pairs: chain 1 draws chain 0's noise negated; stopped after its first checkpoint, it resumes from
+    its own generator's saved state, so the scores are bitwise those of the uninterrupted run (and differ from the
+    unpaired run's)."""
+    model, task = prepared
+    paired = dict(sampler="sgld", step_size=1e-4, antithetic_chains=True, checkpoint_interval=16)
+    reference = _scores(tmp_path / "ref", model, task, small_data, **paired)
+    written = _interrupt_after_saves(monkeypatch, saves=4)
+    with pytest.raises(Interrupt):
+        _scores(tmp_path / "run", model, task, small_data, **paired)
+    assert written[-1] == (1, 16, False)  # the mirrored chain, part way
+    monkeypatch.undo()
+    assert torch.equal(_scores(tmp_path / "run", model, task, small_data, **paired), reference)
+    unpaired = _scores(tmp_path / "free", model, task, small_data, **{**paired, "antithetic_chains": False})
+    assert not torch.equal(unpaired, reference)
+
+
 def test_rerun_with_other_arguments_raises_and_overwrite_clears_checkpoints(
     tmp_path, prepared, small_data, monkeypatch
 ):
