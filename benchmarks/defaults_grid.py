@@ -18,7 +18,7 @@ import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -109,6 +109,11 @@ class LDSSetup:
         masks, losses = retrain_losses(train, fit, query_losses, retrains, out / f"{stem}.npz", fraction)
         return cls(name, out, train, query, fit, task, masks, losses)
 
+    @classmethod
+    def both_fractions(cls, args: argparse.Namespace) -> List[LDSSetup]:
+        """The setups at retrain fractions 0.5 and 0.1 of `lds_runs_parser`'s arguments."""
+        return [cls.load(args.task, args.retrains, args.cache, fraction) for fraction in (0.5, 0.1)]
+
     def lds(self, scores: np.ndarray) -> float:
         return lds(scores, self.masks, self.losses)
 
@@ -117,6 +122,18 @@ class LDSSetup:
     ) -> Tuple[np.ndarray, float]:
         """Pairwise scores of every query against every train example with `strategy`, and the fit + score time."""
         return score_pairwise(analyzer, name, strategy, self.train, self.query, bif_args)
+
+
+def lds_runs_parser(doc: str) -> argparse.ArgumentParser:
+    """The arguments of a benchmark that scores runs of the package by LDS at both retrain fractions: --task,
+    --retrains, --seeds, --overrides (BIFArguments fields for every run) and --cache."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--task", choices=["uci", "digits"], default="uci")
+    parser.add_argument("--retrains", type=int, default=60)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--overrides", default="{}", help="JSON dict of BIFArguments fields for every run")
+    parser.add_argument("--cache", default="./benchmark_results")
+    return parser
 
 
 def main() -> None:

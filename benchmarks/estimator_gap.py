@@ -5,7 +5,7 @@
 
 Each run is the package's defaults (`--overrides` adds BIFArguments fields) through the Analyzer, one thread, with
 the engine's draws, span coordinates, span and secants recorded (the only hooks: `CrossMoments.update`,
-`LinearControlVariate.by_secants`, `linear_term._secant_columns`). From them, LDS at retrain fractions 0.5 and 0.1
+`LinearControlVariate.by_secants`, `linear_term._evaluate_secants`). From them, LDS at retrain fractions 0.5 and 0.1
 (the error budget's retrains) of: the package's scores; its closed-form term J_y S J_x^T alone; the regression form
 Cov(x - J_x c, y - J_y c) + J_y S J_x^T; a James-Stein shrinkage of the remainder towards the closed-form term, its
 noise from the chains' separate remainders (meaningful for unpaired runs only: a pair's chains are not
@@ -19,14 +19,13 @@ of those the run's span holds, and the control variate with the gradient Jacobia
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
-from defaults_grid import LDSSetup, agreement
+from defaults_grid import LDSSetup, agreement, lds_runs_parser
 from error_budget import Linearization, chain_health
 
 from kronfluence_bif import Analyzer, BIFArguments, prepare_model
@@ -39,9 +38,10 @@ class Recorder:
     """The draws (x, y, c) of every chain in order, and the last run's span, Jacobians and secant curvatures."""
 
     def __init__(self) -> None:
-        self.blocks, self.span, self.term, self.curvature = [], None, None, None
+        self.blocks, self.span, self.term, self.curvature = [], None, None, []
         recorder, update = self, moments_module.CrossMoments.update
         by_secants = linear_term.LinearControlVariate.by_secants.__func__
+        evaluate = linear_term._evaluate_secants
 
         def record_update(moments, x, y, coordinates=None):
             if coordinates is not None:
@@ -50,24 +50,27 @@ class Recorder:
 
         def record_secants(cls, engine, run, span):
             recorder.span = (span.basis.double().clone(), span.variance.double().clone())
+            recorder.curvature = []
             recorder.term = by_secants(cls, engine, run, span)
             return recorder.term
 
+        def record_evaluations(engine, run, span, directions, steps):
+            """The package's secant evaluations, and their second differences (x(+a) + x(-a)) / a^2 (values at w*
+            are 0 after the shift), per block of directions."""
+            block = evaluate(engine, run, span, directions, steps)
+            full = dataclasses.replace(run.layout, own=None)
+            x, y = engine.evaluator.centered(block, run.shift, full, engine.diagonal)
+            step = steps[directions].to(x)[:, None]
+            recorder.curvature.append([((v[0::2] + v[1::2]) / step**2).T.double() for v in (x, y)])
+            return block
+
         moments_module.CrossMoments.update = record_update
         linear_term.LinearControlVariate.by_secants = classmethod(record_secants)
-        linear_term._secant_columns = self._secant_columns
+        linear_term._evaluate_secants = record_evaluations
 
-    def _secant_columns(self, engine, run, span, directions):
-        """The package's secants, keeping their second differences (x(+a) + x(-a)) / a^2 too (values at w* are 0)."""
-        full = dataclasses.replace(run.layout, own=None)
-        steps = span.variance.sqrt() * linear_term.SECANT_WIDTH
-        block = linear_term._evaluate_secants(engine, run, span, directions, steps)
-        engine.weights.reset()
-        x, y = engine.evaluator.centered(block, run.shift, full, engine.diagonal)
-        step = steps[directions].to(x)[:, None]
-        slopes = [((v[0::2] - v[1::2]) / (2 * step)).T.double() for v in (x, y)]
-        self.curvature = [((v[0::2] + v[1::2]) / step**2).T.double() for v in (x, y)]
-        return slopes[0], slopes[0] if engine.y is None else slopes[1]
+    def curvatures(self):
+        """[dim_x, k] and [dim_y, k] second differences of the last run's secants."""
+        return [torch.cat([part[side] for part in self.curvature], 1) for side in (0, 1)]
 
     def draws(self):
         x, y, c = (torch.cat([b[i] for b in self.blocks]) for i in range(3))
@@ -94,7 +97,7 @@ def estimators(rec: Recorder, chains: int) -> dict:
     noise = sum(((p - remainder) ** 2).sum() for p in parts) / (chains * (chains - 1))
     shrink = float((1 - noise / (remainder**2).sum()).clamp_min(0))
     features = torch.cat([c, c**2 - var], 1)
-    bx, by = (torch.cat([j, d / 2], 1) for j, d in ((jx, rec.curvature[0]), (jy, rec.curvature[1])))
+    bx, by = (torch.cat([j, d / 2], 1) for j, d in zip((jx, jy), rec.curvatures()))
     known = torch.diag(torch.cat([var, 2 * var**2]))
     return {
         "rebuilt": closed + remainder,
@@ -134,17 +137,12 @@ def against_linearization(lin: Linearization, rec: Recorder, x, y, c, nbeta: flo
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--task", choices=["uci", "digits"], default="uci")
-    parser.add_argument("--retrains", type=int, default=60)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--overrides", default="{}", help="JSON dict of BIFArguments fields for every run")
+    parser = lds_runs_parser(__doc__)
     parser.add_argument("--pairs", action="store_true", help="each seed with antithetic_chains True and False")
     parser.add_argument("--linearization", action="store_true", help="compare with the exact linearization")
-    parser.add_argument("--cache", default="./benchmark_results")
     args = parser.parse_args()
     set_threads(1)
-    setups = [LDSSetup.load(args.task, args.retrains, args.cache, f) for f in (0.5, 0.1)]
+    setups = LDSSetup.both_fractions(args)
     setup = setups[0]
     model = prepare_model(setup.fit(setup.train, 0), setup.task)
     name = f"gap_{args.task}"

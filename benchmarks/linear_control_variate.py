@@ -12,11 +12,10 @@ control variate").
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import numpy as np
-from defaults_grid import LDSSetup, agreement
+from defaults_grid import LDSSetup, agreement, lds_runs_parser
 
 from kronfluence_bif import Analyzer, BIFArguments, prepare_model
 from kronfluence_bif.engine import linear_term
@@ -39,16 +38,11 @@ class _Recorder:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--task", choices=["uci", "digits"], default="uci")
-    parser.add_argument("--retrains", type=int, default=60)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser = lds_runs_parser(__doc__)
     parser.add_argument("--draws", type=int, nargs="+", default=[100], help="draws per chain, one row each")
-    parser.add_argument("--overrides", default="{}", help="JSON dict of BIFArguments fields for every run")
-    parser.add_argument("--cache", default="./benchmark_results")
     args = parser.parse_args()
     set_threads(1)
-    setups = [LDSSetup.load(args.task, args.retrains, args.cache, f) for f in (0.5, 0.1)]
+    setups = LDSSetup.both_fractions(args)
     setup = setups[0]
     model = prepare_model(setup.fit(setup.train, 0), setup.task)
     analyzer = Analyzer(f"lcv_{args.task}", model, setup.task, cpu=True, output_dir=str(setup.out), disable_tqdm=True)

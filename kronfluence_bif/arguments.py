@@ -137,10 +137,9 @@ class BIFArguments:
         "Cov_draws(x, y) - J_y C J_x^T + J_y diag(1 / (nbeta s + localization)) J_x^T, C the draws' covariance of "
         "c), so only the rest of the BIF is Monte Carlo. J by central secants at +-sqrt(3) posterior standard "
         "deviations along each of the k directions: 2k evaluations at w* per run, split over the processes' chain "
-        "groups (again "
-        "per column block), and (n + q) x k float64 (columns: tokens for per-token scores). Needs the chain's Ritz "
-        "values on the full batch (else off, logged and recorded in bif_diagnostics.json). None: the sampler's "
-        "default (subspace_sgld True); samplers that move every weight ignore it (False).",
+        "groups (again per column block), and (n + q) x k float64 (columns: tokens for per-token scores). Needs the "
+        "chain's Ritz values on the full batch (else off, logged and recorded in bif_diagnostics.json). None: the "
+        "sampler's default (subspace_sgld True); samplers that move every weight ignore it (False).",
         default=None,
     )
     antithetic_chains: Optional[bool] = _help(

@@ -86,7 +86,7 @@ def split_rhat(traces: np.ndarray) -> float:
 def pair_means(traces: np.ndarray, antithetic: bool) -> np.ndarray:
     """The traces R-hat compares: with antithetic chains (`BIFArguments.antithetic_chains`) each pair's mean (a
     last unpaired chain as it is), since a mirrored pair's even functions, the mean train loss among them, nearly
-    coincide: counted as two chains they would make the between-chain variance look a third smaller than it is."""
+    coincide: counted as separate chains they make the between-chain variance look a third smaller than it is."""
     x = np.asarray(traces, dtype=np.float64)
     if not antithetic or x.shape[0] < 2:
         return x

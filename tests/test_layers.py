@@ -96,7 +96,7 @@ def test_leaf_modules_import_nothing_from_the_package():
 # The layers, lowest first: a module imports (at run time) only modules of its own layer or lower ones. Type-only
 # imports (`if TYPE_CHECKING:`) are exempt: they run nowhere. A new module goes in the lowest layer it can.
 LAYERS = [
-    ["errors", "logs", "tables", "argtypes", "usage", "heap", "moments", "parameters", "task", "engine.seeds"],
+    ["errors", "logs", "tables", "argtypes", "usage", "heap", "moments", "parameters", "task"],
     ["storage", "threads", "compiled", "tracking", "curvature", "distributed", "loss_views", "tasks", "batched"],
     ["checkpoints", "data", "compare"],
     ["samplers", "samplers.*", "sampler", "inspection", "lds", "testing"],

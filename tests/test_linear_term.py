@@ -66,6 +66,17 @@ def _posterior(x, y, model):
     return torch.linalg.inv(lam), y.double() - xd @ w
 
 
+def _quadratic_case():
+    """(x, y, prepared model, task, S, r, Cov): the linear problem, its posterior and the exact covariance of the
+    losses, Cov(l_i, l_j) = r_i r_j s_ij + s_ij^2 / 2 with s = X S X^T."""
+    x, y, model = _linear_problem()
+    task = SampledHalfSquares()
+    model = prepare_model(model, task)
+    s_cov, r = _posterior(x, y, model)
+    s = x.double() @ s_cov @ x.double().T
+    return x, y, model, task, s_cov, r, r[:, None] * r[None, :] * s + 0.5 * s**2
+
+
 def _estimates(draws, x, r):
     """(raw, control variate) estimates of Cov(l_i, l_j) [all, all] from draws [N, DIM] of w - w* ~ N(0, S)."""
     xd = x.double()
@@ -120,12 +131,7 @@ def _scores(tmp_path, model, task, x, y, name, **bif):
 
 
 def test_on_a_quadratic_posterior_the_leading_term_is_exact_and_only_the_rest_is_sampled(tmp_path, caplog):
-    x, y, model = _linear_problem()
-    task = SampledHalfSquares()
-    model = prepare_model(model, task)
-    s_cov, r = _posterior(x, y, model)
-    s = x.double() @ s_cov @ x.double().T
-    cov = r[:, None] * r[None, :] * s + 0.5 * s**2
+    x, y, model, task, s_cov, r, cov = _quadratic_case()
     expected = {"pairwise": cov[N_TRAIN:, :N_TRAIN], "self": cov.diagonal()[:N_TRAIN]}
     with caplog.at_level(logging.INFO, logger="kronfluence_bif"):
         controlled = _scores(tmp_path / "on", model, task, x, y, "on", antithetic_chains=False)  # i.i.d., as simulated
@@ -331,12 +337,7 @@ def test_antithetic_chains_mirror_each_other_and_keep_the_estimate_within_its_sp
     chain 1 is chain 0 reflected through w*, step for step, so every even function of w - w* (the distance, the
     train loss at a least-squares w*) has the same trace; the scores stay within the antithetic estimator's own
     simulated spread, and turning the pairing off gives independent chains."""
-    x, y, model = _linear_problem()
-    task = SampledHalfSquares()
-    model = prepare_model(model, task)
-    s_cov, r = _posterior(x, y, model)
-    s = x.double() @ s_cov @ x.double().T
-    cov = r[:, None] * r[None, :] * s + 0.5 * s**2
+    x, y, model, task, s_cov, r, cov = _quadratic_case()
     paired = _scores(tmp_path / "paired", model, task, x, y, "paired")
     traces = load_file(str(tmp_path / "paired" / "paired" / "scores_pw" / "bif_traces.safetensors"))
     for name in ("distance_from_w_star", "mean_train_loss"):  # the distance is traced at every 8th draw

@@ -18,10 +18,10 @@ import torch
 from kronfluence_bif.distributed import WorkPlan
 from kronfluence_bif.engine.evaluation import _Layout
 from kronfluence_bif.engine.guards import DivergenceGuard
-from kronfluence_bif.engine.seeds import mirrors, noise_generator, stream_generator
+from kronfluence_bif.engine.seeds import chain_sampler, stream_generator
 from kronfluence_bif.logs import logger
 from kronfluence_bif.moments import COORDINATES, CrossMoments
-from kronfluence_bif.samplers import LinearSpan, Sampler, make_sampler
+from kronfluence_bif.samplers import LinearSpan, Sampler
 
 if TYPE_CHECKING:
     from tqdm.auto import tqdm
@@ -126,10 +126,7 @@ class Chain:
 
     def _make_sampler(self) -> Sampler:
         eng = self.engine
-        args, chain = self.args, self.chain
-        generator = noise_generator(args.seed, chain, args.antithetic_chains, eng.device)
-        mirror = mirrors(chain, args.antithetic_chains)
-        return make_sampler(args, eng.weights.masters, eng.weights.anchors, generator, eng.context, mirror)
+        return chain_sampler(self.args, self.chain, eng.weights.masters, eng.weights.anchors, eng.context, eng.device)
 
     def _track_span(self, sampler: Sampler) -> None:
         """Keep the draws' span coordinates when the linear control variate applies (the run's span: the first)."""

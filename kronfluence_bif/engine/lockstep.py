@@ -26,11 +26,11 @@ from kronfluence_bif.batched import ChainBatch, stack_batches
 from kronfluence_bif.data import MinibatchStream
 from kronfluence_bif.engine.chain import Chain, RunState
 from kronfluence_bif.engine.gradients import with_control_variate
-from kronfluence_bif.engine.seeds import chain_seed, mirrors, noise_generator, stream_generator
+from kronfluence_bif.engine.seeds import chain_sampler, chain_seed, stream_generator
 from kronfluence_bif.logs import logger
 from kronfluence_bif.loss_views import PerExampleView
 from kronfluence_bif.moments import CrossMoments
-from kronfluence_bif.samplers import Sampler, make_sampler
+from kronfluence_bif.samplers import Sampler
 
 if TYPE_CHECKING:
     from kronfluence_bif.engine.engine import SamplingEngine
@@ -194,10 +194,7 @@ class Lane(Chain):
 
     def _make_sampler(self) -> Sampler:
         eng = self.engine
-        args, chain = self.args, self.chain
-        generator = noise_generator(args.seed, chain, args.antithetic_chains, eng.device)
-        mirror = mirrors(chain, args.antithetic_chains)
-        return make_sampler(args, self.params, eng.weights.anchors, generator, eng.context, mirror)
+        return chain_sampler(self.args, self.chain, self.params, eng.weights.anchors, eng.context, eng.device)
 
     def _masters_state(self) -> Dict[str, torch.Tensor]:
         return {f"master.{i}": p for i, p in enumerate(self.params)}

@@ -31,9 +31,9 @@ import torch
 from kronfluence_bif.arguments import BIFArguments
 from kronfluence_bif.diagnostics import SHARPNESS_LIMIT
 from kronfluence_bif.engine.guards import probe_sharpness
-from kronfluence_bif.engine.seeds import mirrors, noise_generator, stream_generator
+from kronfluence_bif.engine.seeds import chain_sampler, stream_generator
 from kronfluence_bif.logs import logger
-from kronfluence_bif.samplers import make_sampler, sampler_class
+from kronfluence_bif.samplers import sampler_class
 
 if TYPE_CHECKING:
     from kronfluence_bif.engine.engine import SamplingEngine
@@ -155,9 +155,7 @@ def _pilot_chain(
     the steps end at the probe (no rise measured)."""
     eng = engine
     eng.weights.reset()
-    generator = noise_generator(args.seed, chain, args.antithetic_chains, eng.device)
-    mirror = mirrors(chain, args.antithetic_chains)
-    sampler = make_sampler(args, eng.weights.masters, eng.weights.anchors, generator, eng.context, mirror)
+    sampler = chain_sampler(args, chain, eng.weights.masters, eng.weights.anchors, eng.context, eng.device)
     eng.stream.reset(stream_generator(args.seed, chain, args.antithetic_chains))
     size = eng.stream.batch_size
     steps = args.num_burnin_steps + PILOT_STEPS
