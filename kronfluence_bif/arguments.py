@@ -191,10 +191,10 @@ class BIFArguments:
         default=4.0,
     )
     sketch_rank: Optional[int] = _help(
-        "Number K of sampled-label minibatch gradients in sketch_sgld's and subspace_sgld's curvature sketch (its "
-        "rank; subspace_sgld's span dimension). Memory: K x the number of sampled weights in float32; cost: K "
-        "backward passes of one minibatch, once per run. None: the sampler's default (subspace_sgld 256, "
-        "sketch_sgld 128).",
+        "Number K of minibatch gradients in sketch_sgld's and subspace_sgld's curvature sketch (its rank; "
+        "subspace_sgld's span dimension): of the Task's Gaussian compute_fisher_probe where it has one, else of "
+        "its sampled-label loss. Memory: K x the number of sampled weights in float32; cost: K backward passes of "
+        "one minibatch, once per run. None: the sampler's default (subspace_sgld 256, sketch_sgld 128).",
         default=None,
     )
     keep_checkpoints: bool = _help(

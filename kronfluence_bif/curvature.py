@@ -1,11 +1,17 @@
 """A low-rank sketch of the loss curvature at w*, from gradients only (no Hessian, no layer structure).
 
-The sketch is the Fisher of the per-example loss estimated from K minibatch gradients of kronfluence's
-sampled-label loss (`Task.compute_train_loss(batch, model, sample=True)`, the gradients EK-FAC fits its factors
-on): for a minibatch B of m examples, u = grad sum_{i in B} loss_i(sampled) / sqrt(m) has E[u u^T] = mean Fisher.
-Stacking K of them gives F_K = U U^T / K, stored as an orthonormal basis V [p, k] and eigenvalues s [k].
+The sketch is the Fisher of the per-example loss estimated from K minibatch gradients u whose covariance is the
+Fisher: the Task's Gaussian probe (`BIFTask.compute_fisher_probe`: sum_i <L_i xi_i, outputs_i>, L_i L_i^T the loss's
+Hessian in the outputs; `ClassificationTask` and `CausalLMTask` have one), else kronfluence's sampled-label loss
+(`Task.compute_train_loss(batch, model, sample=True)`, the gradients EK-FAC fits its factors on). For a minibatch B
+of m examples, u = grad of that scalar over B / sqrt(m) has E[u u^T] = mean Fisher. Stacking K of them gives
+F_K = U U^T / K, stored as an orthonormal basis V [p, k] and eigenvalues s [k].
 `SketchSGLD` uses it to precondition SGLD with (nbeta F_K + localization)^-1, which equalizes the mixing speed of
 stiff and flat directions (the paper's preconditioned SGLD, App. B.1, with a curvature-aware preconditioner).
+
+Why a probe: a confident classifier's sampled labels are its argmax but for about one example in 1 / (1 - max
+probability), so full-batch sampled-label gradients are one vector plus those few examples' terms; on the demo
+digits MLP (train loss 9e-4) 256 of them spanned 122-130 directions, 256 probes span 248-249 (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -53,7 +59,7 @@ def sketch_fisher(
     params: Sequence[torch.Tensor],
     batch_size: int,
 ) -> CurvatureSketch:
-    """Sketch the mean per-example Fisher from one sampled-label gradient per batch (K = len(batches))."""
+    """Sketch the mean per-example Fisher from one Fisher-probe gradient per batch (K = len(batches))."""
     params = list(params)
     numel = sum(p.numel() for p in params)
     rows = torch.empty(len(batches), numel, dtype=torch.float32, device=params[0].device)
@@ -65,8 +71,8 @@ def sketch_fisher(
     rows /= math.sqrt(batch_size * len(batches))
     if not bool(torch.isfinite(rows).all()):
         raise FloatingPointError(
-            "The sampled-label gradients used for the curvature sketch are not finite; check the Task's "
-            "compute_train_loss(sample=True), or use BIFArguments(sampler='rmsprop_sgld')."
+            "The gradients used for the curvature sketch are not finite; check the Task's compute_fisher_probe "
+            "or compute_train_loss(sample=True), or use BIFArguments(sampler='rmsprop_sgld')."
         )
     basis, values = _eigen_pairs(rows)
     logger.debug("Curvature sketch: rank %d of %d, top eigenvalue %.4g.", values.numel(), len(batches), values[0])

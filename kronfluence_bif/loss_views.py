@@ -273,7 +273,11 @@ class LossViews:
         return self.task.compute_train_loss(batch, model, sample=False)
 
     def sampled_train_loss(self, batch: Any, model: nn.Module) -> torch.Tensor:
-        """The summed loss with labels sampled from the model (kronfluence's Fisher gradients; curvature sketch)."""
+        """A scalar whose gradient has the Fisher as covariance (the curvature sketch): the Task's Gaussian
+        `compute_fisher_probe` where it has one, else the summed loss with labels sampled from the model
+        (kronfluence's Fisher gradients)."""
+        if _overrides(self.task, "compute_fisher_probe"):
+            return self.task.compute_fisher_probe(batch, model)
         return self.task.compute_train_loss(batch, model, sample=True)
 
     def train_tokens(self) -> PerTokenView:

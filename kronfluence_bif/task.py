@@ -39,3 +39,17 @@ class BIFTask(Task):
     def compute_per_token_measurement(self, batch: Any, model: nn.Module) -> torch.Tensor:
         """Measurement of each token, shape ``[batch_size, seq_len]``, 0 where masked (token-by-token scores)."""
         raise NotImplementedError
+
+    def compute_fisher_probe(self, batch: Any, model: nn.Module) -> torch.Tensor:
+        """A scalar whose gradient u is random with E[u u^T] = the Fisher (Gauss-Newton) of the batch's summed train
+        loss, for the curvature sketch of `sketch_sgld` and `subspace_sgld`.
+
+        Without it the sketch takes the gradient of ``compute_train_loss(batch, model, sample=True)``, whose
+        covariance is the same but which, for a confident classifier, is nearly the same vector every time: a
+        label drawn from the model differs from the argmax for about one example in 1 / (1 - max probability),
+        so K such gradients span far fewer than K directions. A Gaussian probe ``sum_i <L_i xi_i, outputs_i>``,
+        with L_i L_i^T the loss's Hessian in the outputs (detached) and xi_i standard normal, gives every example's
+        share in every gradient (`ClassificationTask`, `CausalLMTask`). Draw the noise from torch's global
+        generator: the sketch seeds it.
+        """
+        raise NotImplementedError

@@ -11,6 +11,22 @@ from torch import nn
 from kronfluence_bif.task import BIFTask
 
 
+def softmax_fisher_root(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """L xi for L = diag(sqrt p) - p sqrt(p)^T, over the last dimension: L L^T = diag p - p p^T (the columns of p
+    sum to 1), the cross-entropy's Hessian in the logits, so L xi for xi ~ N(0, I) has that covariance."""
+    root = probs.sqrt()
+    return root * noise - probs * (root * noise).sum(-1, keepdim=True)
+
+
+def softmax_probe(logits: torch.Tensor) -> torch.Tensor:
+    """sum <L xi, logits> over the rows of `logits` [..., C] with xi ~ N(0, I) and L (`softmax_fisher_root`) taken at
+    the detached logits: its gradient J^T L xi has covariance J^T (diag p - p p^T) J, the cross-entropy's Fisher."""
+    with torch.no_grad():
+        probs = torch.softmax(logits.detach().float(), dim=-1)
+        direction = softmax_fisher_root(probs, torch.randn_like(probs))
+    return (logits * direction.to(logits.dtype)).sum()
+
+
 class RegressionTask(BIFTask):
     """Squared error on batches ``(inputs, targets)``: loss = sum over outputs of (model(inputs) - targets)^2.
 
@@ -76,6 +92,10 @@ class ClassificationTask(BIFTask):
         with torch.no_grad():
             sampled = torch.multinomial(torch.softmax(logits.detach().float(), -1), num_samples=1).flatten()
         return F.cross_entropy(logits, sampled, reduction="sum")
+
+    def compute_fisher_probe(self, batch: Any, model: nn.Module) -> torch.Tensor:
+        """Gaussian probe of the cross-entropy's Fisher (`softmax_probe`): every example in every sketch gradient."""
+        return softmax_probe(model(batch[0]))
 
     def compute_per_example_measurement(self, batch: Any, model: nn.Module) -> torch.Tensor:
         if self.measurement == "loss":
@@ -205,6 +225,12 @@ class CausalLMTask(BIFTask):
             return self.compute_per_example_train_loss(batch, model).sum()
         logits = self._forward(batch, model)
         return self._per_token(logits, self._sampled_labels(logits, self._targets(batch))).sum(dim=1).sum()
+
+    def compute_fisher_probe(self, batch: Any, model: nn.Module) -> torch.Tensor:
+        """Gaussian probe of the next-token Fisher (`softmax_probe`) over the labelled positions."""
+        logits = self._forward(batch, model)[:, :-1]
+        labelled = self._targets(batch)[:, 1:] != IGNORE_INDEX
+        return softmax_probe(logits[labelled])
 
     def compute_measurement(self, batch: Any, model: nn.Module) -> torch.Tensor:
         """Summed completion loss of the query batch (the train loss on the query's labelled tokens)."""

@@ -211,3 +211,17 @@ def test_kronfluence_ekfac_per_token_scores(tmp_path):
     sequence = analyzer.load_pairwise_scores("seq")["all_modules"]
     assert per_token.shape == (4, 4, T)
     torch.testing.assert_close(per_token.sum(-1), sequence, rtol=1e-4, atol=1e-4 * float(sequence.abs().max()))
+
+
+def test_fisher_probe_takes_only_labelled_positions(gpt2):
+    """The sketch's Gaussian Fisher probe: finite and differentiable, and exactly 0 (no gradient) without labels."""
+    batch = make_batch()
+    torch.manual_seed(0)
+    for p in gpt2.parameters():
+        p.requires_grad_(True)
+    probe = CausalLMTask().compute_fisher_probe(batch, gpt2)
+    assert probe.dim() == 0 and torch.isfinite(probe) and probe.requires_grad
+    batch["labels"] = torch.full_like(batch["labels"], -100)
+    empty = CausalLMTask().compute_fisher_probe(batch, gpt2)
+    grads = torch.autograd.grad(empty, [p for p in gpt2.parameters()], allow_unused=True)
+    assert empty.item() == 0.0 and all(g is None or not g.any() for g in grads)

@@ -248,3 +248,61 @@ def test_sketch_decomposes_on_the_smaller_side_and_reconstructs_the_fisher(shape
     assert basis.shape == (rank, shape[1]) and values.shape == (rank,) and bool((values[:-1] >= values[1:]).all())
     torch.testing.assert_close(basis @ basis.T, torch.eye(rank), atol=1e-5, rtol=0)  # float32 basis
     torch.testing.assert_close(basis.T @ torch.diag(values.float()) @ basis, rows.T @ rows, atol=1e-4, rtol=1e-5)
+
+
+def test_softmax_fisher_root_squares_to_the_cross_entropy_hessian():
+    """L xi with xi ~ N(0, I) has covariance L L^T: it must be diag p - p p^T exactly, also for a confident p."""
+    from kronfluence_bif.tasks import softmax_fisher_root
+
+    for logits in (torch.randn(7, dtype=torch.float64), torch.tensor([12.0, 0.0, -3.0, 1.0], dtype=torch.float64)):
+        p = logits.softmax(0)
+        root = softmax_fisher_root(p.expand(len(p), -1), torch.eye(len(p), dtype=torch.float64)).T  # columns L e_k
+        assert torch.allclose(root @ root.T, torch.diag(p) - torch.outer(p, p), atol=1e-15, rtol=1e-12)
+
+
+def _confident_linear_classifier(n: int = 300, d: int = 6, classes: int = 4):
+    """A linear classifier whose training labels are its argmax at margins > 12: sampled labels almost never flip."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4 * n, d, generator=g, dtype=torch.float64)
+    weight = 4.0 * torch.randn(classes, d, generator=g, dtype=torch.float64)
+    top = (x @ weight.T).topk(2, dim=1).values
+    x = x[top[:, 0] - top[:, 1] > 12.0][:n]  # margins > 12: a drawn label flips with probability < 2e-5
+    labels = (x @ weight.T).argmax(1)
+    return torch.nn.Linear(d, classes, bias=False).double().requires_grad_(True), x, labels, weight
+
+
+def test_fisher_probe_sketch_spans_a_confident_classifier_and_estimates_its_fisher():
+    """ClassificationTask's Gaussian probe: every gradient carries every example, so K probes span K directions of a
+    confident classifier (sampled labels give the same gradient but for rare flips), and their mean outer product is
+    the Fisher sum_i (diag p_i - p_i p_i^T) kron x_i x_i^T / n within the sampling error of K Gaussian vectors."""
+    from kronfluence_bif import ClassificationTask
+    from kronfluence_bif.loss_views import LossViews
+    from kronfluence_bif.task import BIFTask
+
+    class SampledLabels(ClassificationTask):
+        compute_fisher_probe = BIFTask.compute_fisher_probe  # not overridden: the sketch samples labels
+
+    model, x, labels, weight = _confident_linear_classifier()
+    with torch.no_grad():
+        model.weight.copy_(weight)
+    n = len(x)
+    ranks = {}
+    for task in (ClassificationTask(), SampledLabels()):
+        views = LossViews(task)
+        torch.manual_seed(0)
+        sketch = sketch_fisher(lambda b, v=views: v.sampled_train_loss(b, model), [(x, labels)] * 16, [model.weight], n)
+        ranks[type(task).__name__] = sketch.rank
+    assert ranks["ClassificationTask"] == 16  # 24 weights: every probe adds a direction
+    assert ranks["SampledLabels"] <= 2  # one full-batch gradient but where a label flips (< 0.006 flips per gradient)
+
+    probs = (x @ weight.T).softmax(1)
+    hessians = torch.diag_embed(probs) - probs[:, :, None] * probs[:, None, :]
+    expected = torch.einsum("nab,ni,nj->aibj", hessians, x, x).reshape(24, 24) / n  # vec(W) is row-major
+    k = 4000
+    views = LossViews(ClassificationTask())
+    torch.manual_seed(1)
+    sketch = sketch_fisher(lambda b: views.sampled_train_loss(b, model), [(x, labels)] * k, [model.weight], n)
+    estimate = sketch.basis.T.double() @ torch.diag(sketch.eigenvalues.double()) @ sketch.basis.double()
+    # a sample covariance of K Gaussian vectors: E |S_K - S|_F^2 = (|S|_F^2 + tr(S)^2) / K; three standard errors
+    spread = math.sqrt((expected.norm() ** 2 + expected.trace() ** 2) / k)
+    assert (estimate - expected).norm() < 3 * spread

@@ -1,9 +1,9 @@
 """Sketch-SGLD: SGLD preconditioned by G = (nbeta F_K + gamma I)^-1, F_K a low-rank Fisher sketch at w*.
 
-F_K comes from `curvature.sketch_fisher` (sampled-label minibatch gradients), built once per run and shared by
-the chains (`build_sketch`), then scaled up while it underestimates the curvature (`stabilize`). G is fixed, so
-the chain targets the same posterior exactly; with G ~ (Hessian of the potential)^-1 every direction relaxes in
-~1/eps steps, and eps is dimensionless (stable for eps * lambda_max(G A) < 4).
+F_K comes from `curvature.sketch_fisher` (Fisher-probe or sampled-label minibatch gradients), built once per run
+and shared by the chains (`build_sketch`), then scaled up while it underestimates the curvature (`stabilize`). G is
+fixed, so the chain targets the same posterior exactly; with G ~ (Hessian of the potential)^-1 every direction
+relaxes in ~1/eps steps, and eps is dimensionless (stable for eps * lambda_max(G A) < 4).
 """
 
 from __future__ import annotations
