@@ -11,6 +11,16 @@ from torch import nn
 from kronfluence_bif.task import BIFTask
 
 
+def precise_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    """`F.cross_entropy` computed from float64 logits, returned in the logits' dtype. In float32 a confident
+    example's loss log(1 + sum_k exp(z_k - z_y)) is taken as the log of a number next to 1, so it is known only to
+    about 6e-8 in absolute terms: about the size of its changes over BIF's posterior draws (digits at train loss 9e-4:
+    LDS 0.418 -> 0.451 with this; BENCHMARKS.md, "Loss precision"). In float64 the loss keeps its relative precision
+    and the float32 result holds it (a float stores small numbers to relative precision). The gradient is the same
+    up to rounding; the cost is one float64 log-softmax over the logits."""
+    return F.cross_entropy(logits.double(), labels, **kwargs).to(logits.dtype)
+
+
 def softmax_fisher_root(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """L xi for L = diag(sqrt p) - p sqrt(p)^T, over the last dimension: L L^T = diag p - p p^T (the columns of p
     sum to 1), the cross-entropy's Hessian in the logits, so L xi for xi ~ N(0, I) has that covariance."""
@@ -83,7 +93,7 @@ class ClassificationTask(BIFTask):
 
     def compute_per_example_train_loss(self, batch: Any, model: nn.Module) -> torch.Tensor:
         inputs, labels = batch[0], batch[1]
-        return F.cross_entropy(model(inputs), labels, reduction="none")
+        return precise_cross_entropy(model(inputs), labels, reduction="none")
 
     def compute_train_loss(self, batch: Any, model: nn.Module, sample: bool = False) -> torch.Tensor:
         if not sample:
@@ -186,7 +196,7 @@ class CausalLMTask(BIFTask):
         """Cross-entropy ``[B, T]`` placed by `token_position`; exactly 0 where the predicted label is ignored."""
         batch, length, vocab = logits.shape
         targets = labels[:, 1:]
-        losses = F.cross_entropy(
+        losses = precise_cross_entropy(
             logits[:, :-1].reshape(-1, vocab), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
         ).view(batch, length - 1)
         losses = torch.where(targets == IGNORE_INDEX, torch.zeros_like(losses), losses)
