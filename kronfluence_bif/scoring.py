@@ -253,7 +253,8 @@ class BIFScorer:
     def _write_diagnostics(out: Path, results: Dict[str, SamplingResult], bif_args: BIFArguments) -> None:
         """Per-run diagnostics; per-module runs (one set of chains per module) tag chains, traces and warnings."""
         reports = {
-            k: summarize(r.traces, r.chain_summaries, bif_args, r.sharpness, r.linear_term) for k, r in results.items()
+            k: summarize(r.traces, r.chain_summaries, bif_args, r.sharpness, r.linear_term, r.rounded_values)
+            for k, r in results.items()
         }
         if list(results) == [storage.ALL_MODULES]:
             report, traces = reports[storage.ALL_MODULES], results[storage.ALL_MODULES].traces

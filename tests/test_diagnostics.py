@@ -356,3 +356,32 @@ def test_the_per_chain_trace_means_skip_the_untraced_draws():
     }
     row = _trace_lines(traces)[-1].split()
     assert row[:3] == ["0", "2", "1"] and row[3] == "nan"
+
+
+def test_float32_rounded_tells_a_float32_cross_entropy_from_a_precise_one():
+    """A float32 cross-entropy of confident logits gives losses that are multiples of 2^-23 (the log of a number next
+    to 1); computed from float64 logits they are not; too few small values are not judged."""
+    import torch.nn.functional as F
+
+    from kronfluence_bif.diagnostics import LOSS_PRECISION_MESSAGE, float32_rounded, summarize
+    from kronfluence_bif.tasks import precise_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(500, 10, generator=g)
+    labels = logits.argmax(1)
+    logits[torch.arange(500), labels] += 9.0 + 4.0 * torch.rand(500, generator=g)  # margins 9-13: losses 1e-6-1e-3
+    plain = F.cross_entropy(logits, labels, reduction="none")
+    precise = precise_cross_entropy(logits, labels, reduction="none")
+    assert int(((plain > 0) & (plain <= 1e-5)).sum()) >= 20  # the check has values to judge
+    assert float32_rounded(plain)
+    assert not float32_rounded(precise)
+    assert not float32_rounded(plain[:10])  # fewer than 20 small values
+    assert not float32_rounded(torch.rand(1000) * 1e-5)  # small values that are not rounded
+
+    traces = {"mean_train_loss": torch.ones(2, 8, dtype=torch.float64) + torch.randn(2, 8, dtype=torch.float64) * 1e-3}
+    summaries = [{"chain": c, "initial_mean_loss": 1.0} for c in range(2)]
+    args = BIFArguments(sampler="sgld", num_chains=2, num_draws=8, step_size=1e-4, nbeta=10.0, localization=1.0)
+    report = summarize(traces, summaries, args, rounded_values=True)
+    found = [w["message"] for w in report["warnings"] if w["code"] == "loss_precision"]
+    assert len(found) == 1 and found[0].endswith(LOSS_PRECISION_MESSAGE)
+    assert not [w for w in summarize(traces, summaries, args)["warnings"] if w["code"] == "loss_precision"]

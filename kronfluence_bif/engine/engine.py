@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from kronfluence_bif.arguments import BIFArguments
 from kronfluence_bif.checkpoints import CheckpointStore
 from kronfluence_bif.data import MinibatchStream
+from kronfluence_bif.diagnostics import float32_rounded
 from kronfluence_bif.distributed import ProcessState, WorkPlan
 from kronfluence_bif.engine.chain import STEP_TRACES, TRACE_NAMES, RunState, traced_draws
 from kronfluence_bif.engine.evaluation import Evaluator, Side, monitor_rows
@@ -58,6 +59,7 @@ class SamplingResult:
     widths: Tuple[int, int] = (1, 1)  # values per train example and per query (per-token runs: T and 1 + T)
     args: Optional[BIFArguments] = None  # what the chains ran with (the temperature pilot's nbeta, localization)
     linear_term: Optional[Dict[str, Any]] = None  # the linear control variate: applied, span rank, variance ratio
+    rounded_values: bool = False  # the values at w* look rounded at float32's resolution next to 1 (diagnostics)
 
 
 class SamplingEngine:
@@ -268,4 +270,5 @@ class SamplingEngine:
             widths=(self.x.width, self.y.width if self.y is not None else 1),
             args=self.args,
             linear_term=linear_term,
+            rounded_values=float32_rounded(run.shift[: lay.n_x + lay.n_y]),
         )
