@@ -29,9 +29,15 @@ from kronfluence_bif.compare import compare
 from kronfluence_bif.demo.digits import load_digits_split, train_classifier
 from kronfluence_bif.demo.uci import load_concrete, train_mlp
 from kronfluence_bif.lds import linear_datamodeling_score, score_pairwise
+from kronfluence_bif.tasks import precise_cross_entropy
 from kronfluence_bif.threads import set_threads
 
 warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+# retrain caches measured before a change of the measurement stay apart: digits' query losses are float64
+# cross-entropies since 2026-12-03 (float32 rounds a confident query's loss; BENCHMARKS.md, "Loss precision")
+CACHE_TAGS = {"digits": "_precise"}
 
 
 def task_setup(name: str):
@@ -50,8 +56,8 @@ def task_setup(name: str):
     def fit(data, seed):
         return train_classifier(data, seed=seed)
 
-    def query_losses(model):
-        return torch.nn.functional.cross_entropy(model(query.tensors[0]), query.tensors[1], reduction="none")
+    def query_losses(model):  # the Task's own float64 cross-entropy: float32 rounds a confident query's loss
+        return precise_cross_entropy(model(query.tensors[0]), query.tensors[1], reduction="none")
 
     return train, query, fit, query_losses, ClassificationTask()
 
@@ -105,7 +111,8 @@ class LDSSetup:
         out = Path(cache)
         out.mkdir(parents=True, exist_ok=True)
         train, query, fit, query_losses, task = task_setup(name)
-        stem = f"{name}_retrains" if fraction == 0.5 else f"{name}_retrains_f{fraction:g}"
+        stem = f"{name}{CACHE_TAGS.get(name, '')}_retrains"
+        stem += "" if fraction == 0.5 else f"_f{fraction:g}"
         masks, losses = retrain_losses(train, fit, query_losses, retrains, out / f"{stem}.npz", fraction)
         return cls(name, out, train, query, fit, task, masks, losses)
 
