@@ -35,7 +35,7 @@ from kronfluence_bif.threads import set_threads
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 
-# retrain caches measured before a change of the measurement stay apart: digits' query losses are float64
+# retrain caches measured before a change of the measurement stay apart: digits' query losses are precise
 # cross-entropies since 2026-12-03 (float32 rounds a confident query's loss; BENCHMARKS.md, "Loss precision")
 CACHE_TAGS = {"digits": "_precise"}
 
@@ -56,7 +56,7 @@ def task_setup(name: str):
     def fit(data, seed):
         return train_classifier(data, seed=seed)
 
-    def query_losses(model):  # the Task's own float64 cross-entropy: float32 rounds a confident query's loss
+    def query_losses(model):  # the Task's own precise cross-entropy: float32's rounds a confident query's loss
         return precise_cross_entropy(model(query.tensors[0]), query.tensors[1], reduction="none")
 
     return train, query, fit, query_losses, ClassificationTask()

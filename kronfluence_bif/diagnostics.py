@@ -176,8 +176,8 @@ LOSS_PRECISION_MESSAGE = (
     "most per-example values below 1e-5 at w* are multiples of 2^-23, float32's spacing next to 1: the Task takes "
     "them as float32 logs of numbers next to 1 (e.g. F.cross_entropy of float32 logits), which knows a confident "
     "example's loss only to about 6e-8, the size of its changes over the draws (on the demo digits MLP this cost "
-    "0.03 LDS, and EK-FAC as much). Compute the loss from float64 logits: "
-    "kronfluence_bif.tasks.precise_cross_entropy(logits, labels, ...)."
+    "0.03 LDS, and EK-FAC as much). Compute the loss to its own precision: "
+    "kronfluence_bif.tasks.precise_cross_entropy(logits, labels, ...), or F.cross_entropy of float64 logits."
 )
 
 

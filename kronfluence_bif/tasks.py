@@ -11,15 +11,37 @@ from torch import nn
 from kronfluence_bif.task import BIFTask
 
 
-def precise_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-    """`F.cross_entropy` computed from float64 logits, returned in the logits' dtype. In float32 a confident
-    example's loss log(1 + sum_k exp(z_k - z_y)) is taken as the log of a number next to 1, so it is known only to
-    about 6e-8 in absolute terms: about the size of its changes over BIF's posterior draws (digits at train loss 9e-4:
-    LDS 0.418 -> 0.451 with this; BENCHMARKS.md, "Loss precision"). In float64 the loss keeps its relative precision
-    and the float32 result holds it (a float stores small numbers to relative precision). The gradient gains too:
-    in float32 p_y = 1 - t is known to 6e-8, so p - e_y of a confident example is off by that in its label component
-    (EK-FAC through this task on digits: LDS 0.421 -> 0.446). The cost is one float64 log-softmax over the logits."""
-    return F.cross_entropy(logits.double(), labels, **kwargs).to(logits.dtype)
+def precise_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean", ignore_index: int = -100
+) -> torch.Tensor:
+    """`F.cross_entropy` over the last dimension, to the loss's own relative precision, in the logits' dtype.
+
+    `F.cross_entropy` takes a confident example's loss log(1 + sum_k exp(z_k - z_y)) as the log of a float32 number
+    next to 1, known only to about 6e-8: about the size of the loss's changes over BIF's posterior draws (digits
+    at train loss 9e-4: LDS 0.418 -> 0.451 with this; BENCHMARKS.md, "Loss precision"). Its gradient carries the
+    same rounding (p_y = 1 - t known to 6e-8), which costs EK-FAC as much (digits 0.421 -> 0.446). Here the loss is
+    (m - z_y) + log1p(sum over k != argmax of exp(z_k - m)), m the largest logit, in float32 (or the logits' wider
+    dtype): the same value, and autograd's gradient p - e_y has every entry to relative precision, with no float64
+    copy of the logits (an LM's [tokens, vocab] logits stay their size). Labels equal to `ignore_index` give 0.
+    `reduction`: "none", "sum", or "mean" (over the labels not ignored), as `F.cross_entropy`.
+    """
+    if reduction not in ("none", "sum", "mean"):
+        raise ValueError(f"precise_cross_entropy(reduction=...) must be 'none', 'sum' or 'mean', got {reduction!r}.")
+    z = logits if logits.dtype == torch.float64 else logits.float()
+    kept = labels != ignore_index
+    top, where = z.max(dim=-1, keepdim=True)
+    shifted = z - top  # <= 0, exactly 0 at the argmax
+    rest = shifted.exp().scatter(-1, where, 0.0).sum(-1)  # sum over k != argmax of exp(z_k - m)
+    safe = torch.where(kept, labels, 0).unsqueeze(-1)
+    # z_y - m, exactly 0 with no gradient where the label is the argmax: through m and z_y its gradient would be
+    # -1 + 1, and summed with log1p's -t / (1 + t) in float32 that t would be lost
+    picked = torch.where(safe == where, torch.zeros_like(top), shifted.gather(-1, safe)).squeeze(-1)
+    losses = torch.where(kept, torch.log1p(rest) - picked, torch.zeros_like(rest))
+    if reduction == "sum":
+        losses = losses.sum()
+    elif reduction == "mean":
+        losses = losses.sum() / kept.sum()
+    return losses.to(logits.dtype)
 
 
 def softmax_fisher_root(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

@@ -360,7 +360,7 @@ def test_the_per_chain_trace_means_skip_the_untraced_draws():
 
 def test_float32_rounded_tells_a_float32_cross_entropy_from_a_precise_one():
     """A float32 cross-entropy of confident logits gives losses that are multiples of 2^-23 (the log of a number next
-    to 1); computed from float64 logits they are not; too few small values are not judged."""
+    to 1); computed by precise_cross_entropy they are not; too few small values are not judged."""
     import torch.nn.functional as F
 
     from kronfluence_bif.diagnostics import LOSS_PRECISION_MESSAGE, float32_rounded, summarize

@@ -106,8 +106,8 @@ def digits_problem(epochs: int = 60) -> ABProblem:
         query=query,
         task=ClassificationTask(measurement="loss"),
         fit=functools.partial(train_classifier, epochs=epochs),
-        # "f64loss": the float64 cross-entropy of 2026-12-03, so caches measured in float32 are not reused
-        recipe=f"epochs{epochs}_f64loss",
+        # "preciseloss": the precise cross-entropy of 2026-12-03, so caches measured with float32's are not reused
+        recipe=f"epochs{epochs}_preciseloss",
         measurement="cross-entropy (ClassificationTask, measurement='loss')",
     )
 
