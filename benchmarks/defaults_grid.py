@@ -29,7 +29,6 @@ from kronfluence_bif.compare import compare
 from kronfluence_bif.demo.digits import load_digits_split, train_classifier
 from kronfluence_bif.demo.uci import load_concrete, train_mlp
 from kronfluence_bif.lds import linear_datamodeling_score, score_pairwise
-from kronfluence_bif.tasks import precise_cross_entropy
 from kronfluence_bif.threads import set_threads
 
 warnings.filterwarnings("ignore", category=FutureWarning)
@@ -47,19 +46,23 @@ def task_setup(name: str):
         def fit(data, seed):
             return train_mlp(data, epochs=100, seed=seed)
 
-        def query_losses(model):
-            return ((model(query.tensors[0]) - query.tensors[1]) ** 2).sum(1)
+        task = RegressionTask()
 
-        return train, query, fit, query_losses, RegressionTask()
+        def query_losses(model):
+            return task.compute_per_example_measurement(query.tensors, model)
+
+        return train, query, fit, query_losses, task
     train, query = load_digits_split()
 
     def fit(data, seed):
         return train_classifier(data, seed=seed)
 
-    def query_losses(model):  # the Task's own precise cross-entropy: float32's rounds a confident query's loss
-        return precise_cross_entropy(model(query.tensors[0]), query.tensors[1], reduction="none")
+    task = ClassificationTask()
 
-    return train, query, fit, query_losses, ClassificationTask()
+    def query_losses(model):  # the Task's own (precise) cross-entropy: float32's rounds a confident query's loss
+        return task.compute_per_example_measurement(query.tensors, model)
+
+    return train, query, fit, query_losses, task
 
 
 def retrain_losses(train, fit, query_losses, k: int, cache: Path, fraction: float = 0.5):

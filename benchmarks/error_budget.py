@@ -124,11 +124,15 @@ class Linearization:
         first = (self.grads_gram - (gq * shrink) @ gt.T) / gamma
         rq, rt = self.roots_v[self.query_rows], self.roots_v[~self.query_rows]
         m = (self.roots_gram - (rq * shrink) @ rt.T) / gamma  # [Rq, Rt] = roots_q Sigma roots_t^T
-        sq = 0.5 * m**2  # 1/2 tr(L_q K L_i K) = 1/2 |sqrtL_q K sqrtL_i|_F^2, summed over each example's rows
+        return first.numpy(), (first + self.second_order(m)).numpy()
+
+    def second_order(self, products: torch.Tensor) -> torch.Tensor:
+        """[nq, n] second-order term 1/2 tr(L_q K L_i K) = 1/2 |sqrtL_q K sqrtL_i|_F^2 from the root rows' products
+        [Rq, Rt] = roots_q K roots_t^T (K the posterior covariance), summed over each example's rows."""
+        squares = 0.5 * products**2
         owners_q, owners_t = self.owners[self.query_rows] - self.n, self.owners[~self.query_rows]
-        by_train = torch.zeros(len(sq), self.n, dtype=sq.dtype).index_add_(1, owners_t, sq)
-        second = torch.zeros(self.nq, self.n, dtype=sq.dtype).index_add_(0, owners_q, by_train)
-        return first.numpy(), (first + second).numpy()
+        by_train = torch.zeros(len(squares), self.n, dtype=squares.dtype).index_add_(1, owners_t, squares)
+        return torch.zeros(self.nq, self.n, dtype=squares.dtype).index_add_(0, owners_q, by_train)
 
     # ------------------------------------------------------------------ i.i.d. Gaussian draws
     def draws(self, nbeta: float, gamma: float, count: int, gen: torch.Generator, span_only: bool) -> torch.Tensor:

@@ -41,11 +41,7 @@ class SpanTerms:
         grads = lin.grads @ rotated.T
         first = (grads[n:] * weight) @ grads[:n].T
         roots = lin.roots @ rotated.T
-        products = 0.5 * ((roots[lin.query_rows] * weight) @ roots[~lin.query_rows].T) ** 2
-        owners_t, owners_q = lin.owners[~lin.query_rows], lin.owners[lin.query_rows] - n
-        by_train = torch.zeros(len(products), n, dtype=products.dtype).index_add_(1, owners_t, products)
-        second = torch.zeros(lin.nq, n, dtype=products.dtype).index_add_(0, owners_q, by_train)
-        return first, first + second
+        return first, first + lin.second_order((roots[lin.query_rows] * weight) @ roots[~lin.query_rows].T)
 
 
 def orthonormal_rows(rows: torch.Tensor) -> torch.Tensor:

@@ -49,6 +49,13 @@ ROUNDED_LOSS_RANGE = (0.0, 1e-5)  # values (exclusive, inclusive] where that rou
 ROUNDED_MIN_COUNT = 20  # small values needed before judging
 ROUNDED_FRACTION = 0.9  # of them within ROUNDED_TOLERANCE spacings of a multiple (computed precisely: 0.2%)
 ROUNDED_TOLERANCE = 1e-3
+LOSS_PRECISION_MESSAGE = (
+    "most per-example values below 1e-5 at w* are multiples of 2^-23, float32's spacing next to 1: the Task takes "
+    "them as float32 logs of numbers next to 1 (e.g. F.cross_entropy of float32 logits), which knows a confident "
+    "example's loss only to about 6e-8, the size of its changes over the draws (on the demo digits MLP this cost "
+    "0.03 LDS, and EK-FAC as much). Compute the loss to its own precision: "
+    "kronfluence_bif.tasks.precise_cross_entropy(logits, labels, ...), or F.cross_entropy of float64 logits."
+)
 
 
 def float32_rounded(values: torch.Tensor) -> bool:
@@ -170,15 +177,6 @@ def summarize(
     if linear_term is not None:
         report["linear_control_variate"] = linear_term
     return report
-
-
-LOSS_PRECISION_MESSAGE = (
-    "most per-example values below 1e-5 at w* are multiples of 2^-23, float32's spacing next to 1: the Task takes "
-    "them as float32 logs of numbers next to 1 (e.g. F.cross_entropy of float32 logits), which knows a confident "
-    "example's loss only to about 6e-8, the size of its changes over the draws (on the demo digits MLP this cost "
-    "0.03 LDS, and EK-FAC as much). Compute the loss to its own precision: "
-    "kronfluence_bif.tasks.precise_cross_entropy(logits, labels, ...), or F.cross_entropy of float64 logits."
-)
 
 
 def _linear_term_warnings(linear_term: Optional[Dict[str, Any]], args: BIFArguments) -> List[Dict[str, Any]]:

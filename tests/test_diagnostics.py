@@ -12,7 +12,9 @@ from conftest import PlainRegressionTask, fit, make_mlp, make_regression
 from kronfluence_bif import Analyzer, BIFArguments, prepare_model, storage
 from kronfluence_bif.cli import main as cli
 from kronfluence_bif.diagnostics import (
+    LOSS_PRECISION_MESSAGE,
     effective_sample_size,
+    float32_rounded,
     pair_means,
     preconditioned_sharpness,
     split_rhat,
@@ -20,6 +22,7 @@ from kronfluence_bif.diagnostics import (
 )
 from kronfluence_bif.engine import STEP_TRACES, SamplingResult, traced_draws
 from kronfluence_bif.scoring import BIFScorer
+from kronfluence_bif.tasks import precise_cross_entropy
 
 
 def _ar1(phi: float, n: int, chains: int, seed: int = 0) -> np.ndarray:
@@ -361,22 +364,17 @@ def test_the_per_chain_trace_means_skip_the_untraced_draws():
 def test_float32_rounded_tells_a_float32_cross_entropy_from_a_precise_one():
     """A float32 cross-entropy of confident logits gives losses that are multiples of 2^-23 (the log of a number next
     to 1); computed by precise_cross_entropy they are not; too few small values are not judged."""
-    import torch.nn.functional as F
-
-    from kronfluence_bif.diagnostics import LOSS_PRECISION_MESSAGE, float32_rounded, summarize
-    from kronfluence_bif.tasks import precise_cross_entropy
-
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(500, 10, generator=g)
     labels = logits.argmax(1)
     logits[torch.arange(500), labels] += 9.0 + 4.0 * torch.rand(500, generator=g)  # margins 9-13: losses 1e-6-1e-3
-    plain = F.cross_entropy(logits, labels, reduction="none")
+    plain = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
     precise = precise_cross_entropy(logits, labels, reduction="none")
     assert int(((plain > 0) & (plain <= 1e-5)).sum()) >= 20  # the check has values to judge
     assert float32_rounded(plain)
     assert not float32_rounded(precise)
     assert not float32_rounded(plain[:10])  # fewer than 20 small values
-    assert not float32_rounded(torch.rand(1000) * 1e-5)  # small values that are not rounded
+    assert not float32_rounded(torch.rand(1000, generator=g) * 1e-5)  # small values that are not rounded
 
     traces = {"mean_train_loss": torch.ones(2, 8, dtype=torch.float64) + torch.randn(2, 8, dtype=torch.float64) * 1e-3}
     summaries = [{"chain": c, "initial_mean_loss": 1.0} for c in range(2)]
