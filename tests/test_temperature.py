@@ -140,8 +140,9 @@ def test_a_pilot_that_raises_fails_its_rung(monkeypatch, caplog):
     monkeypatch.setattr(temperature, "pilot", broken)
     args = BIFArguments(sampler="subspace_sgld")
     with caplog.at_level(logging.INFO, logger="kronfluence_bif"):
-        verdict = temperature._safe_pilot(None, args, [0])
-    assert not verdict.stable and "failed (RuntimeError: out of memory)" in caplog.text
+        outcome = temperature._safe_pilot(None, None, args, [0], [0])
+    assert not outcome.verdict.stable and not outcome.prefixes
+    assert "failed (RuntimeError: out of memory)" in caplog.text
 
 
 def test_column_blocks_pilot_once_and_sample_the_same_chains(tmp_path, trained_mlp, small_data, caplog):
@@ -159,3 +160,72 @@ def test_column_blocks_pilot_once_and_sample_the_same_chains(tmp_path, trained_m
     assert caplog.text.count("Temperature pilot: nbeta 10000, localization 100:") == 1
     assert ran["calibrate_temperature"] is True and ran["nbeta"] == 1e4
     torch.testing.assert_close(blocked, whole, rtol=1e-5, atol=1e-7 * float(whole.abs().max()))
+
+
+def _count_steps(monkeypatch) -> list:
+    """Every chain step's gradient call (pilot and run), counted."""
+    from kronfluence_bif.engine.gradients import StepGradient
+
+    calls, real = [], StepGradient.__call__
+
+    def counted(self, batch, batch_size):
+        calls.append(batch_size)
+        return real(self, batch, batch_size)
+
+    monkeypatch.setattr(StepGradient, "__call__", counted)
+    return calls
+
+
+def test_the_chosen_rungs_chains_continue_from_the_pilot(tmp_path, trained_mlp, small_data, monkeypatch):
+    """At the chosen rung the run continues each chain from the pilot's last draw (40 of 50 here: two blocks of 16
+    flushed, 8 rows carried into the third; a checkpoint due in the prefix is skipped) instead of repeating its
+    steps; the scores are bitwise those of the rung set by hand and of a run that keeps no prefix."""
+    train, query = small_data
+    task = PlainRegressionTask()
+    model = prepare_model(trained_mlp, task)
+    saved = state_copy(model)
+    monkeypatch.setattr(temperature, "RISE_RATIO", math.inf)  # the first rung is stable
+    monkeypatch.setattr(temperature, "SHARPNESS_LIMIT", math.inf)
+    common = dict(num_chains=2, num_draws=50, draws_per_block=16, checkpoint_interval=20)
+    burn_in = SAMPLERS["subspace_sgld"].defaults["num_burnin_steps"]
+    steps = _count_steps(monkeypatch)
+    piloted, _ = _run(tmp_path, model, task, train, query, BIFArguments(**common), "piloted")
+    assert len(steps) == 2 * (burn_in + 50)  # no step twice
+    steps.clear()
+    monkeypatch.setattr(temperature, "PREFIX_BUDGET", 0)  # no prefix kept: the chains start over from w*
+    over, _ = _run(tmp_path, model, task, train, query, BIFArguments(**common), "over")
+    assert len(steps) == 2 * (burn_in + 40) + 2 * (burn_in + 50)
+    hottest = SAMPLERS["subspace_sgld"].temperature_ladder[0]
+    fixed = BIFArguments(**common, sampler="subspace_sgld", nbeta=hottest[0], localization=hottest[1])
+    by_hand, _ = _run(tmp_path, model, task, train, query, fixed, "by_hand")
+    assert torch.equal(piloted, by_hand) and torch.equal(over, by_hand)
+    assert_bitwise_equal(model, saved)
+
+
+def test_a_run_interrupted_after_the_pilot_resumes_bitwise(tmp_path, trained_mlp, small_data, monkeypatch):
+    """Chain 0 continued from its prefix and checkpointed at draw 60; stopped there, the resumed run (which pilots
+    again) takes chain 0 from its checkpoint, not from the new prefix, and chain 1 from its prefix."""
+    from kronfluence_bif.checkpoints import CheckpointStore
+
+    train, query = small_data
+    task = PlainRegressionTask()
+    model = prepare_model(trained_mlp, task)
+    monkeypatch.setattr(temperature, "RISE_RATIO", math.inf)
+    monkeypatch.setattr(temperature, "SHARPNESS_LIMIT", math.inf)
+    common = dict(num_chains=2, num_draws=70, draws_per_block=10, checkpoint_interval=30)
+    reference, _ = _run(tmp_path / "ref", model, task, train, query, BIFArguments(**common), "s")
+    written, real = [], CheckpointStore.save
+
+    def save(self, chain, tensors, meta):
+        real(self, chain, tensors, meta)
+        written.append((chain, meta["draws_done"], meta["done"]))
+        if len(written) == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(CheckpointStore, "save", save)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path / "run", model, task, train, query, BIFArguments(**common), "s")
+    assert written == [(0, 60, False)]  # draw 30 fell inside the prefix (40 draws): skipped
+    monkeypatch.setattr(CheckpointStore, "save", real)
+    resumed, _ = _run(tmp_path / "run", model, task, train, query, BIFArguments(**common), "s")
+    assert torch.equal(resumed, reference)

@@ -10,7 +10,7 @@ learns of it (otherwise the partners would wait forever in the exchange).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union
 
 import torch
@@ -68,17 +68,42 @@ class RunState:
     bar_scale: Union[int, float]  # bar units per draw of this process: its group's share of all chains
     sharpness: Optional[float] = None  # after the first chain's burn-in (diagnostics)
     span: Optional[LinearSpan] = None  # the chains' span, where the linear control variate applies (first chain)
+    prefixes: Dict[int, ChainPrefix] = field(default_factory=dict)  # chains' first draws, run by the pilot
+
+
+@dataclass
+class ChainPrefix:
+    """A chain's first `draws` draws as the temperature pilot ran them at the rung the run takes (the same steps,
+    noise and minibatches): the chain's state after them and their evaluated rows. The run continues the chain from
+    here instead of repeating its steps, and flushes the rows in the blocks an uninterrupted chain would (so its
+    moments are bitwise the same)."""
+
+    draws: int
+    steps: int
+    rows: torch.Tensor  # float32 [draws, width]: the evaluated buffer rows
+    coordinates: Optional[torch.Tensor]  # float64 [draws, k]: their span coordinates (linear control variate)
+    step_losses: torch.Tensor  # float32 [steps]
+    step_traces: torch.Tensor  # float64 [len(STEP_TRACES), draws]
+    weights: Dict[str, torch.Tensor]  # `SampledWeights.masters_state()`, cloned
+    sampler: Dict[str, torch.Tensor]
+    stream: Dict[str, torch.Tensor]
+
+    def nbytes(self) -> int:
+        tensors = [self.rows, self.coordinates, self.step_losses, self.step_traces]
+        tensors += [*self.weights.values(), *self.sampler.values(), *self.stream.values()]
+        return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
 
 
 class Chain:
     """Runs chain `chain` of `engine` within the run `run`; `run()` returns its moments and summary."""
 
-    def __init__(self, engine: SamplingEngine, run: RunState, chain: int) -> None:
+    def __init__(self, engine: SamplingEngine, run: RunState, chain: int, args: Optional[BIFArguments] = None) -> None:
+        """`args`: the chain's arguments where they are not the engine's (the temperature pilot's rungs)."""
         self.engine = engine
         self.run_state = run
         self.chain = chain
-        self.args = engine.args
-        self.traced = traced_draws(engine.args)
+        self.args = engine.args if args is None else args
+        self.traced = traced_draws(self.args)
         self.traced_flags: List[bool] = self.traced.tolist()  # read once per draw: no tensor indexing there
         self.failure: Optional[BaseException] = None
         # [draws_per_block, k]: the block's span coordinates, for the linear control variate (`_track_span`)
@@ -91,17 +116,22 @@ class Chain:
         self._track_span(sampler)
         eng.stream.reset(stream_generator(args.seed, self.chain, args.antithetic_chains))
         resumed = self._load()
+        prefix = run.prefixes.pop(self.chain, None)  # a checkpoint, from an earlier run, goes first
+        filled = 0
         if resumed is not None:
             moments, start, step, summary = self._restore(resumed, sampler)
             if summary is not None:
                 return moments, summary
+        elif prefix is not None:
+            moments = self._new_moments()
+            start, step, filled = self._continue(prefix, sampler, moments)
         else:
             moments, start, step = self._new_moments(), 0, 0
             self._burn_in(sampler)
             step = args.num_burnin_steps
         run.guard.checked_steps = 0 if resumed is None else step
         run.guard.check_steps(run.step_losses[:step], self.chain)
-        step = self._draws(sampler, moments, start, step)
+        step = self._draws(sampler, moments, start, step, filled)
         summary = self._summary()
         if eng.checkpoints is not None:
             try:
@@ -165,11 +195,36 @@ class Chain:
         eng.weights.sync()
         self.run_state.step_losses[index] = loss
 
+    def _continue(self, prefix: ChainPrefix, sampler: Sampler, moments: CrossMoments) -> Tuple[int, int, int]:
+        """The chain's state after the pilot's `prefix`; its complete blocks flushed into `moments`, the rest left in
+        the buffer: (next draw, step count, rows filled)."""
+        eng, run, block = self.engine, self.run_state, self.args.draws_per_block
+        eng.weights.load_masters_state(prefix.weights)
+        sampler.load_state_dict(prefix.sampler)
+        eng.stream.load_state_dict(prefix.stream)
+        run.step_losses[: prefix.steps] = prefix.step_losses
+        run.step_traces[:, self.chain, : prefix.draws] = prefix.step_traces
+        whole = prefix.draws if prefix.draws == self.args.num_draws else prefix.draws - prefix.draws % block
+        for first in range(0, prefix.draws, block):
+            rows = min(block, prefix.draws - first)
+            self._refill(prefix, first, rows)
+            if first + rows > whole:
+                return prefix.draws, prefix.steps, rows
+            steps = self.args.num_burnin_steps + (first + rows) * self.args.draw_interval
+            self._end_block(moments, rows, first, steps, None)  # no checkpoint: the sampler is at the prefix's end
+        return prefix.draws, prefix.steps, 0
+
+    def _refill(self, prefix: ChainPrefix, first: int, rows: int) -> None:
+        self.run_state.buffer[:rows] = prefix.rows[first : first + rows]
+        if self.coordinates is not None and prefix.coordinates is not None:
+            self.coordinates[:rows] = prefix.coordinates[first : first + rows]
+
     # ------------------------------------------------------------------ draws
-    def _draws(self, sampler: Sampler, moments: CrossMoments, start: int, step: int) -> int:
-        """Draws `start` .. num_draws in blocks (checkpointed at block boundaries); returns the step count."""
-        args, run = self.args, self.run_state
-        filled, first = 0, start
+    def _draws(self, sampler: Sampler, moments: CrossMoments, start: int, step: int, filled: int = 0) -> int:
+        """Draws `start` .. num_draws in blocks (checkpointed at block boundaries), the block's first `filled` rows
+        already in the buffer; returns the step count."""
+        args = self.args
+        first = start - filled
         for draw in range(start, args.num_draws):
             if self.failure is None:
                 try:
@@ -178,17 +233,24 @@ class Chain:
                     self.failure = self._defer(exc)
             filled += 1
             if filled == args.draws_per_block or draw == args.num_draws - 1:
-                self._agree()
-                self._flush(moments, filled, first)
-                run.guard.check_steps(run.step_losses[:step], self.chain)
-                run.bar.update(filled * run.bar_scale)
-                before, first, filled = first, first + filled, 0
-                if first < args.num_draws and self._checkpoint_due(before, first):
-                    try:
-                        self._save(moments, first, step, sampler, None)
-                    except Exception as exc:  # noqa: BLE001 - re-raised at the group's next exchange
-                        self.failure = self._defer(exc)
+                first, filled = self._end_block(moments, filled, first, step, sampler), 0
         return step
+
+    def _end_block(self, moments: CrossMoments, filled: int, first: int, step: int, sampler: Optional[Sampler]) -> int:
+        """A full buffer: agree, flush, check the steps, advance the bar, and checkpoint when one is due (with a
+        `sampler` to save); returns the next block's first draw."""
+        run = self.run_state
+        self._agree()
+        self._flush(moments, filled, first)
+        run.guard.check_steps(run.step_losses[:step], self.chain)
+        run.bar.update(filled * run.bar_scale)
+        after = first + filled
+        if sampler is not None and after < self.args.num_draws and self._checkpoint_due(first, after):
+            try:
+                self._save(moments, after, step, sampler, None)
+            except Exception as exc:  # noqa: BLE001 - re-raised at the group's next exchange
+                self.failure = self._defer(exc)
+        return after
 
     def _draw(self, sampler: Sampler, step: int, row: int, draw: int) -> int:
         """Sampler steps up to the next kept draw, then its evaluation into buffer row `row`; returns the step count."""

@@ -31,7 +31,7 @@ from kronfluence_bif.engine.evaluation import Evaluator, Side, monitor_rows
 from kronfluence_bif.engine.gradients import StepGradient
 from kronfluence_bif.engine.guards import DivergenceGuard, probe_sharpness
 from kronfluence_bif.engine.linear_term import LinearControlVariate
-from kronfluence_bif.engine.lockstep import run_chains
+from kronfluence_bif.engine.lockstep import lockstep_plan, run_chains
 from kronfluence_bif.engine.seeds import chain_seed
 from kronfluence_bif.engine.temperature import choose_temperature
 from kronfluence_bif.heap import frozen_heap
@@ -103,7 +103,7 @@ class SamplingEngine:
         )
         sharpness = self._sharpness_probe(args)
         self.context = SamplerContext(model, views, weights, stream, self.device, chain_seed(args.seed, 0), sharpness)
-        self._temperature_settled = False  # the temperature pilot runs once, at the start of `run`
+        self._temperature_settled = False  # the temperature pilot runs once, in the first `run`
         # the control variate is exactly zero with the full batch: not computed there
         control_variate = bool(args.control_variate) and stream.batch_size < stream.n
         self.gradient = StepGradient(model, views, weights, self.context, control_variate)
@@ -134,18 +134,22 @@ class SamplingEngine:
         )
         logger.info("Sampling with %d CPU thread(s): %s.", choice.threads, choice.reason)
         with using_threads(choice.threads), untracked_forwards(self.model), frozen_heap():
-            self._settle_temperature()
             return self._run()
 
-    def _settle_temperature(self) -> None:
-        """nbeta and localization from the temperature pilot (`engine/temperature.py`), where the arguments ask."""
+    def _settle_temperature(self, run: RunState, alone: List[int]) -> None:
+        """nbeta and localization from the temperature pilot (`engine/temperature.py`), where the arguments ask;
+        the chains in `alone` continue from the pilot's draws at the chosen rung."""
         if self._temperature_settled:
             return
         self._temperature_settled = True
-        args = choose_temperature(self)
-        if args is not self.args:
-            self.args = args
-            self.context.sharpness = self._sharpness_probe(args)
+        rung = choose_temperature(self, run, alone)
+        if rung.args is not self.args:
+            self.args = rung.args
+            self.context.sharpness = self._sharpness_probe(rung.args)
+            run.guard = self._guard(rung.args, run.shift.float(), run.guard.init_mean)
+        run.prefixes = rung.prefixes
+        if rung.prefixes.get(run.plan.chains[0]) is not None:  # its burn-in, and the probe after it, are done
+            run.sharpness = rung.sharpness
 
     def _sharpness_probe(self, args: BIFArguments):
         """The context's sharpness probe at `args`' nbeta (the scale of the tempered loss it measures)."""
@@ -155,11 +159,13 @@ class SamplingEngine:
         plan = self.state.plan(self.args.num_chains)
         self.state.make_groups(plan)
         run = self._start(plan)
+        together, reason = lockstep_plan(self, run, plan.chains)
+        self._settle_temperature(run, [c for c in plan.chains if c not in together])
         total: Optional[CrossMoments] = None
         summaries: List[Dict[str, Any]] = []
         error: Optional[BaseException] = None
         try:
-            for moments, summary in run_chains(self, run, plan.chains):
+            for moments, summary in run_chains(self, run, plan.chains, together, reason):
                 total = moments if total is None else total.merge_(moments)
                 summaries.append(summary)
         except Exception as exc:  # noqa: BLE001 - every process must learn of it, or the others would hang
@@ -168,6 +174,9 @@ class SamplingEngine:
             run.bar.close()
         self.state.raise_if_any_failed(error)
         return self._pool(total, run, summaries)
+
+    def _guard(self, args: BIFArguments, shift: torch.Tensor, init_mean: float) -> DivergenceGuard:
+        return DivergenceGuard(args, shift, init_mean, sum(p.numel() for p in self.weights.params))
 
     def _start(self, plan: WorkPlan) -> RunState:
         """The run's state: the layout, the values at w* and the limits they set, the buffers, traces and bar."""
@@ -179,7 +188,7 @@ class SamplingEngine:
         self.weights.reset()  # the shift is the value at w*, whatever ran before (column blocks share the y sums)
         self.evaluator.evaluate(shift, None)
         init_mean = float(self.evaluator.monitor_mean(shift[None], lay)[0])
-        guard = DivergenceGuard(args, shift, init_mean, sum(p.numel() for p in self.weights.params))
+        guard = self._guard(args, shift, init_mean)
         shape = (args.num_chains, args.num_draws)
         traces = {name: torch.zeros(shape, dtype=torch.float64, device=self.device) for name in TRACE_NAMES[:2]}
         step_traces = torch.zeros((len(STEP_TRACES), *shape), **f64)  # zeros, so processes can add them

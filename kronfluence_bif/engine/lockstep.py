@@ -40,10 +40,11 @@ PROBE_TOLERANCE = 1e-4  # relative to the largest value: float32 rounding is ~1e
 _LOGGED: Set[str] = set()
 
 
-def run_chains(engine: SamplingEngine, run: RunState, chains: Sequence[int]) -> List[Result]:
-    """This process's chains, results in plan order: the fresh ones in lockstep where that applies, the others
-    (and all of them where it does not) one at a time."""
-    together, reason = lockstep_plan(engine, run, chains)
+def run_chains(
+    engine: SamplingEngine, run: RunState, chains: Sequence[int], together: Sequence[int], reason: str
+) -> List[Result]:
+    """This process's chains, results in plan order: `together` (`lockstep_plan`) in lockstep, the others one at a
+    time."""
     if reason or together:
         _log_once(reason or f"{len(together)} chains run in lockstep, batched over chains with torch.func.vmap.")
     results: Dict[int, Result] = {}

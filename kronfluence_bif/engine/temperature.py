@@ -12,10 +12,13 @@ the first burn-in + `PILOT_STEPS` steps of every chain, seeded exactly as the ru
 rung where every chain's losses stay finite and their mean rise over w* in the second half stays within
 `RISE_RATIO` times the rise a quadratic posterior settles at (`Sampler.equilibrium_rise`); if no rung passes, the
 sampler's defaults, their step lowered where the first chain's sharpness after its burn-in would make the run warn
-(`_fitted_step`). A run at the chosen rung repeats the pilot's steps exactly, so it cannot diverge within them.
-Each process pilots its own chains and the verdicts are gathered, so every process (and a resumed run) takes the
-same rung. Its cost: (burn-in + PILOT_STEPS) gradient steps per chain and rung tried, once per run (an unstable
-chain stops the rung).
+(`_fitted_step`). The pilot chains are the run's own (`PilotChain`: the same steps, and the draws evaluated), so
+at the chosen rung each chain continues from the pilot's last draw (`chain.ChainPrefix`) instead of repeating its
+steps, with bitwise the moments it would have had: the pilot costs only the rungs it rejects. Each process pilots
+its own chains and the verdicts are gathered, so every process (and a resumed run) takes the same rung. Its cost:
+up to burn-in + PILOT_STEPS gradient steps per chain and rejected rung, once per run (an unstable chain stops the
+rung); the chosen rung's steps are the run's. Chains in lockstep, and prefixes beyond `PREFIX_BUDGET` bytes, start
+over from w*: the same chain again.
 """
 
 from __future__ import annotations
@@ -23,17 +26,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Dict, Optional, Sequence
 
 import torch
 
 from kronfluence_bif.arguments import BIFArguments
 from kronfluence_bif.diagnostics import SHARPNESS_LIMIT
+from kronfluence_bif.engine.chain import Chain, ChainPrefix, RunState
 from kronfluence_bif.engine.guards import probe_sharpness
-from kronfluence_bif.engine.seeds import chain_sampler, stream_generator
+from kronfluence_bif.engine.seeds import stream_generator
 from kronfluence_bif.logs import logger
-from kronfluence_bif.samplers import sampler_class
+from kronfluence_bif.samplers import Sampler, sampler_class
 
 if TYPE_CHECKING:
     from kronfluence_bif.engine.engine import SamplingEngine
@@ -41,36 +45,48 @@ if TYPE_CHECKING:
 PILOT_STEPS = 40  # steps after the burn-in; the rise is measured over the second half of all pilot steps
 RISE_RATIO = 4.0  # a rise above this many equilibrium rises is a chain leaving the quadratic basin
 STEP_MARGIN = 0.9  # a too-sharp fallback's step: this fraction of the largest step its sharpness allows
+PREFIX_BUDGET = 1 << 30  # bytes of chain prefixes a process keeps (weights, sampler state, evaluated rows)
 
 
-def choose_temperature(engine: SamplingEngine) -> BIFArguments:
-    """The engine's arguments with nbeta and localization set by the pilot (themselves when it does not apply)."""
+@dataclass
+class Rung:
+    """The pilot's choice: the arguments to sample with, the chains' prefixes at them (this process's chains that
+    run alone), and the raw sharpness after the first chain's burn-in (None: not measured at this rung)."""
+
+    args: BIFArguments
+    prefixes: Dict[int, ChainPrefix] = field(default_factory=dict)
+    sharpness: Optional[float] = None
+
+
+def choose_temperature(engine: SamplingEngine, run: RunState, alone: Sequence[int]) -> Rung:
+    """The rung to sample at (the engine's arguments when the pilot does not apply), with the prefixes of the
+    chains in `alone` (those that will run one at a time) at that rung."""
     args = engine.args
     ladder = sampler_class(args.sampler).temperature_ladder
     if not args.calibrate_temperature or not ladder:
-        return args
-    chains = engine.state.plan(args.num_chains).chains  # this process's chains; the others pilot theirs
+        return Rung(args)
+    chains = run.plan.chains  # this process's chains; the others pilot theirs
     for nbeta, localization in ladder:
         candidate = dataclasses.replace(args, nbeta=nbeta, localization=localization)
-        verdicts = engine.state.all_gather_object(_safe_pilot(engine, candidate, chains))
-        verdict = Verdict.worst(verdicts)
+        outcome = _safe_pilot(engine, run, candidate, chains, alone)
+        verdict = Verdict.worst(engine.state.all_gather_object(outcome.verdict))
         logger.info("Temperature pilot: nbeta %g, localization %g: %s.", nbeta, localization, verdict.describe())
         if verdict.stable:
-            return candidate
+            return Rung(candidate, outcome.prefixes, outcome.sharpness)
     logger.info(
         "Temperature pilot: no rung of the ladder was stable; sampling at the sampler's defaults (nbeta %g, "
         "localization %g).",
         args.nbeta,
         args.localization,
     )
-    return _fitted_step(engine, args, chains[0])
+    return Rung(_fitted_step(engine, run, args, chains[0]))
 
 
-def _fitted_step(engine: SamplingEngine, args: BIFArguments, chain: int) -> BIFArguments:
+def _fitted_step(engine: SamplingEngine, run: RunState, args: BIFArguments, chain: int) -> BIFArguments:
     """The fallback, with its step lowered to STEP_MARGIN of what its sharpness allows where step x sharpness after
     the first chain's burn-in would exceed the diagnostics' limit: the `sharpness` warning's own fix, so the
     defaults do not warn (digits seed 1: 2.54 at step 1.0; at 0.7 no warning and LDS 0.361 against 0.362)."""
-    probes = engine.state.all_gather_object(_safe_probe(engine, args, chain))
+    probes = engine.state.all_gather_object(_safe_probe(engine, run, args, chain))
     found = [v for v in probes if v is not None]
     if not found or max(found) <= SHARPNESS_LIMIT:
         return args
@@ -84,11 +100,11 @@ def _fitted_step(engine: SamplingEngine, args: BIFArguments, chain: int) -> BIFA
     return dataclasses.replace(args, step_size=step)
 
 
-def _safe_probe(engine: SamplingEngine, args: BIFArguments, chain: int) -> Optional[float]:
+def _safe_probe(engine: SamplingEngine, run: RunState, args: BIFArguments, chain: int) -> Optional[float]:
     """step x sharpness after `chain`'s burn-in at `args` (None where it cannot be measured, or on an error: every
     process must reach the gather)."""
     try:
-        return _pilot_chain(engine, args, chain, probe=True, probe_only=True)[2]
+        return PilotChain(engine, run, chain, args, probe=True, probe_only=True).pilot().verdict.sharpness
     except Exception as exc:  # noqa: BLE001 - the run meets the same error and reports it properly
         logger.info("Temperature pilot: the sharpness probe at the defaults failed (%s: %s).", type(exc).__name__, exc)
         return None
@@ -125,67 +141,144 @@ class Verdict:
         )
 
 
-def _safe_pilot(engine: SamplingEngine, args: BIFArguments, chains: Sequence[int]) -> Verdict:
+@dataclass
+class Outcome:
+    """One process's pilot of one rung: the verdict, its stable chains' prefixes, the first chain's raw sharpness."""
+
+    verdict: Verdict
+    prefixes: Dict[int, ChainPrefix] = field(default_factory=dict)
+    sharpness: Optional[float] = None
+
+
+def _safe_pilot(
+    engine: SamplingEngine, run: RunState, args: BIFArguments, chains: Sequence[int], alone: Sequence[int]
+) -> Outcome:
     """`pilot`, with an error failing the rung instead of escaping: every process must reach the gather (or the
     others would wait for it), and the run itself meets the same error where it reports it properly."""
     try:
-        return pilot(engine, args, chains)
+        return pilot(engine, run, args, chains, alone)
     except Exception as exc:  # noqa: BLE001 - reported by the run at the rung it falls back to
         logger.info("Temperature pilot: nbeta %g failed (%s: %s).", args.nbeta, type(exc).__name__, exc)
-        return Verdict(rise=math.inf)
+        return Outcome(Verdict(rise=math.inf))
 
 
-def pilot(engine: SamplingEngine, args: BIFArguments, chains: Sequence[int]) -> Verdict:
-    """The verdict of the first burn-in + PILOT_STEPS steps of `chains` with `args`, seeded as the run seeds them
-    (so a run at a stable rung repeats these steps exactly); the sharpness is probed where the run probes it, after
-    the first chain's burn-in; stops at the first unstable chain. The weights are back at w* afterwards."""
-    verdicts = []
+def pilot(
+    engine: SamplingEngine, run: RunState, args: BIFArguments, chains: Sequence[int], alone: Sequence[int] = ()
+) -> Outcome:
+    """The verdict of the first burn-in + PILOT_STEPS steps of `chains` with `args`, run as the run runs them, and
+    the prefixes of those in `alone` while they fit in PREFIX_BUDGET; the sharpness is probed where the run probes
+    it, after the first chain's burn-in; stops at the first unstable chain. The weights are back at w* afterwards."""
+    outcome, verdicts, kept = Outcome(Verdict()), [], 0
     for i, chain in enumerate(chains):
-        verdicts.append(Verdict(*_pilot_chain(engine, args, chain, probe=i == 0)))
-        if not verdicts[-1].stable:
+        piloted = PilotChain(engine, run, chain, args, probe=i == 0, keep=chain in alone).pilot()
+        verdicts.append(piloted.verdict)
+        if i == 0:
+            outcome.sharpness = piloted.sharpness
+        if not piloted.verdict.stable:
+            outcome.prefixes.clear()
             break
-    return Verdict.worst(verdicts) if verdicts else Verdict()
+        prefix = piloted.prefixes.get(chain)
+        if prefix is not None and kept + prefix.nbytes() <= PREFIX_BUDGET:
+            outcome.prefixes[chain] = prefix
+            kept += prefix.nbytes()
+    outcome.verdict = Verdict.worst(verdicts) if verdicts else Verdict()
+    return outcome
 
 
-def _pilot_chain(
-    engine: SamplingEngine, args: BIFArguments, chain: int, probe: bool, probe_only: bool = False
-) -> Tuple[float, float, Optional[float]]:
-    """(mean loss rise over w* in the second half: inf where a loss is not finite, NaN where not measurable; its
-    limit; step_size x the sharpness after the burn-in, when `probe`) of one chain's pilot steps; with `probe_only`
-    the steps end at the probe (no rise measured)."""
-    eng = engine
-    eng.weights.reset()
-    sampler = chain_sampler(args, chain, eng.weights.masters, eng.weights.anchors, eng.context, eng.device)
-    eng.stream.reset(stream_generator(args.seed, chain, args.antithetic_chains))
-    size = eng.stream.batch_size
-    steps = args.num_burnin_steps + PILOT_STEPS
-    losses = torch.empty(steps, dtype=torch.float64, device=eng.device)
-    at_anchor = torch.full_like(losses, math.nan)
-    sharpness = None
-    try:
-        for k in range(steps):
-            if k == args.num_burnin_steps:  # where the run freezes the preconditioner and probes the sharpness
-                if args.freeze_preconditioner:
-                    sampler.freeze()
-                if probe:
-                    root = sampler.apply_root  # at this rung's nbeta, as the run would probe it
-                    found = probe_sharpness(eng.model, eng.views, eng.weights, eng.stream, args, root, 0.0)
-                    sharpness = _scaled(found, args.step_size)
-                    if probe_only or (sharpness is not None and sharpness > SHARPNESS_LIMIT):  # no more steps
-                        return math.nan, RISE_RATIO * sampler.equilibrium_rise(), sharpness
-            loss, grads = eng.gradient(eng.stream.next(), size)
-            losses[k] = loss
-            if eng.gradient.anchor_loss is not None:
-                at_anchor[k] = eng.gradient.anchor_loss
-            sampler.step(grads, size)
-            eng.weights.sync()
-    finally:
+class PilotChain(Chain):
+    """A chain's first burn-in + PILOT_STEPS steps (rounded up to whole draws), run exactly as `Chain` runs them
+    (its draws evaluated into its own buffer rows, nothing accumulated): the rise of its losses over w*, the
+    sharpness after its burn-in where `probe`, and its `ChainPrefix` where `keep`."""
+
+    def __init__(
+        self,
+        engine: SamplingEngine,
+        run: RunState,
+        chain: int,
+        args: BIFArguments,
+        probe: bool,
+        keep: bool = False,
+        probe_only: bool = False,
+    ) -> None:
+        self.draws = min(args.num_draws, math.ceil(PILOT_STEPS / args.draw_interval))
+        own = dataclasses.replace(
+            run,
+            buffer=run.buffer.new_empty(self.draws, run.buffer.shape[1]),
+            step_losses=torch.empty_like(run.step_losses),
+            step_traces=torch.zeros_like(run.step_traces),
+            sharpness=None,
+            span=None,
+            prefixes={},
+        )
+        super().__init__(engine, own, chain, args)
+        self.probe, self.keep, self.probe_only = probe, keep, probe_only
+        device = run.buffer.device
+        self.anchor_losses = torch.full_like(own.step_losses, math.nan, dtype=torch.float64, device=device)
+
+    def pilot(self) -> Outcome:
+        eng, args = self.engine, self.args
+        steps = args.num_burnin_steps + self.draws * args.draw_interval
         eng.weights.reset()
-    limit = RISE_RATIO * sampler.equilibrium_rise()
-    if not bool(torch.isfinite(losses).all()):
-        return math.inf, limit, sharpness
-    rise = _rise(losses / size, at_anchor / size, full_batch=size >= eng.stream.n)
-    return (math.nan if rise is None else rise), limit, sharpness  # None: finite losses are all it can check
+        sampler = self._make_sampler()
+        self._track_span(sampler)
+        if self.coordinates is not None:
+            self.coordinates = self.coordinates.new_empty(self.draws, self.coordinates.shape[1])
+        eng.stream.reset(stream_generator(args.seed, self.chain, args.antithetic_chains))
+        limit = RISE_RATIO * sampler.equilibrium_rise()
+        try:
+            for step in range(args.num_burnin_steps):
+                self._step(sampler, step)
+            if args.freeze_preconditioner:
+                sampler.freeze()
+            raw = self._probe(sampler) if self.probe else None
+            sharpness = _scaled(raw, args.step_size)
+            if self.probe_only or (sharpness is not None and sharpness > SHARPNESS_LIMIT):  # no more steps
+                return Outcome(Verdict(math.nan, limit, sharpness), sharpness=raw)
+            step = args.num_burnin_steps
+            for draw in range(self.draws):
+                step = self._draw(sampler, step, draw, draw)
+            prefixes = {self.chain: self._prefix(sampler, steps)} if self.keep else {}
+        finally:
+            eng.weights.reset()
+        return Outcome(Verdict(self._rise(steps), limit, sharpness), prefixes, raw)
+
+    def _probe(self, sampler: Sampler) -> Optional[float]:
+        """The raw sharpness at this rung's nbeta, as the run's first chain measures it after its burn-in."""
+        eng = self.engine
+        return probe_sharpness(eng.model, eng.views, eng.weights, eng.stream, self.args, sampler.apply_root, 0.0)
+
+    def _step(self, sampler: Sampler, index: int) -> None:
+        super()._step(sampler, index)
+        if self.engine.gradient.anchor_loss is not None:
+            self.anchor_losses[index] = self.engine.gradient.anchor_loss
+
+    def _rise(self, steps: int) -> float:
+        """The mean loss rise over w* in the second half (inf where a loss is not finite, NaN: not measurable)."""
+        size = self.engine.stream.batch_size
+        losses = self.run_state.step_losses[:steps].double()
+        if not bool(torch.isfinite(losses).all()):
+            return math.inf
+        rise = _rise(losses / size, self.anchor_losses[:steps] / size, full_batch=size >= self.engine.stream.n)
+        return math.nan if rise is None else rise  # None: finite losses are all it can check
+
+    def _prefix(self, sampler: Sampler, steps: int) -> ChainPrefix:
+        """The chain after its pilot draws, as the run continues it (every tensor a copy)."""
+        eng, run = self.engine, self.run_state
+
+        def copies(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+            return {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in state.items()}
+
+        return ChainPrefix(
+            draws=self.draws,
+            steps=steps,
+            rows=run.buffer.clone(),
+            coordinates=None if self.coordinates is None else self.coordinates.clone(),
+            step_losses=run.step_losses[:steps].clone(),
+            step_traces=run.step_traces[:, self.chain, : self.draws].clone(),
+            weights=copies(eng.weights.masters_state()),
+            sampler=copies(sampler.state_dict()),
+            stream=copies(eng.stream.state_dict()),
+        )
 
 
 def _larger(a: float, b: float) -> float:
