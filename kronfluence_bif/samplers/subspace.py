@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from kronfluence_bif.curvature import CurvatureSketch, double_backward
+from kronfluence_bif.curvature import CurvatureSketch, double_backward, gram64, rotate64
 from kronfluence_bif.logs import logger, warn_once
 from kronfluence_bif.samplers.base import (
     LinearSpan,
@@ -271,13 +271,13 @@ def rayleigh_ritz(
     """
     basis = sketch.basis
     params = list(params)
-    hv = _hessian_rows(loss, params, basis) / float(batch_size)  # [k, p]: (H v_j)^T
-    projected = basis.double() @ hv.double().T
+    hv = _hessian_rows(loss, params, basis)  # [k, p]: (H v_j)^T, of the summed loss
+    projected = gram64(basis, hv) / float(batch_size)
     values, vectors = torch.linalg.eigh(((projected + projected.T) / 2).cpu())
     values, vectors = values.flip(0), vectors.flip(1).to(basis.device)
     if not bool(torch.isfinite(values).all()):
         raise FloatingPointError("the Hessian-vector products are not finite")
-    rotated = (vectors.T @ basis.double()).to(basis.dtype).contiguous()
+    rotated = rotate64(vectors.T, basis)
     return CurvatureSketch(basis=rotated, eigenvalues=values.to(sketch.eigenvalues), ritz_rows=batch_size)
 
 
