@@ -168,9 +168,9 @@ def _count_steps(monkeypatch) -> list:
 
     calls, real = [], StepGradient.__call__
 
-    def counted(self, batch, batch_size):
-        calls.append(batch_size)
-        return real(self, batch, batch_size)
+    def counted(self, batch, batch_size, given=None):
+        calls.append(given is not None)  # True: the gradient came from the last draw's forwards
+        return real(self, batch, batch_size, given)
 
     monkeypatch.setattr(StepGradient, "__call__", counted)
     return calls
@@ -191,10 +191,12 @@ def test_the_chosen_rungs_chains_continue_from_the_pilot(tmp_path, trained_mlp, 
     steps = _count_steps(monkeypatch)
     piloted, _ = _run(tmp_path, model, task, train, query, BIFArguments(**common), "piloted")
     assert len(steps) == 2 * (burn_in + 50)  # no step twice
+    assert sum(steps) == 2 * 49  # full batch: every step after a draw but the last takes the draw's gradient
     steps.clear()
     monkeypatch.setattr(temperature, "PREFIX_BUDGET", 0)  # no prefix kept: the chains start over from w*
     over, _ = _run(tmp_path, model, task, train, query, BIFArguments(**common), "over")
     assert len(steps) == 2 * (burn_in + 40) + 2 * (burn_in + 50)
+    assert sum(steps) == 2 * 39 + 2 * 49
     hottest = SAMPLERS["subspace_sgld"].temperature_ladder[0]
     fixed = BIFArguments(**common, sampler="subspace_sgld", nbeta=hottest[0], localization=hottest[1])
     by_hand, _ = _run(tmp_path, model, task, train, query, fixed, "by_hand")

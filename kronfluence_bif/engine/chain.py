@@ -43,6 +43,8 @@ STEP_TRACES = TRACE_NAMES[2:]  # written together at a traced draw: rows of `Run
 # when taken at every draw (benchmarks/diagnostics_cost.py), ~2% like this; the other draws hold NaN
 STEP_TRACE_INTERVAL = 8
 COORDINATE_KEY = f"moments.{COORDINATES}.sum_x"  # in a checkpoint whose moments kept the span coordinates
+NEXT_LOSS_KEY = "next.loss"  # in a checkpoint taken after a draw whose forwards gave the next step's gradient
+Gradient = Tuple[torch.Tensor, List[torch.Tensor]]  # (summed loss, gradient per sampled tensor)
 
 
 def traced_draws(args: BIFArguments) -> torch.Tensor:
@@ -87,10 +89,12 @@ class ChainPrefix:
     weights: Dict[str, torch.Tensor]  # `SampledWeights.masters_state()`, cloned
     sampler: Dict[str, torch.Tensor]
     stream: Dict[str, torch.Tensor]
+    next_gradient: Optional[Gradient] = None  # the next step's (loss, gradient), from the last draw's forwards
 
     def nbytes(self) -> int:
         tensors = [self.rows, self.coordinates, self.step_losses, self.step_traces]
         tensors += [*self.weights.values(), *self.sampler.values(), *self.stream.values()]
+        tensors += [] if self.next_gradient is None else [self.next_gradient[0], *self.next_gradient[1]]
         return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
 
 
@@ -108,6 +112,11 @@ class Chain:
         self.failure: Optional[BaseException] = None
         # [draws_per_block, k]: the block's span coordinates, for the linear control variate (`_track_span`)
         self.coordinates: Optional[torch.Tensor] = None
+        # a full-batch step's gradient comes from the draw's forwards of every training example (the same weights)
+        self.fuses = not engine.gradient.control_variate and engine.evaluator.fuses_gradient(
+            engine.stream, run.layout.mine
+        )
+        self._next: Optional[Gradient] = None  # the next step's (loss, gradient), from the last draw's forwards
 
     def run(self) -> Tuple[CrossMoments, Dict[str, Any]]:
         eng, args, run = self.engine, self.args, self.run_state
@@ -190,7 +199,8 @@ class Chain:
         """One sampler step on the next minibatch; its loss goes to the step losses (checked once per block)."""
         eng = self.engine
         size = eng.stream.batch_size
-        loss, grads = eng.gradient(eng.stream.next(), size)
+        loss, grads = eng.gradient(eng.stream.next(), size, self._next)
+        self._next = None
         sampler.step(grads, size)
         eng.weights.sync()
         self.run_state.step_losses[index] = loss
@@ -202,6 +212,7 @@ class Chain:
         eng.weights.load_masters_state(prefix.weights)
         sampler.load_state_dict(prefix.sampler)
         eng.stream.load_state_dict(prefix.stream)
+        self._next = prefix.next_gradient
         run.step_losses[: prefix.steps] = prefix.step_losses
         run.step_traces[:, self.chain, : prefix.draws] = prefix.step_traces
         whole = prefix.draws if prefix.draws == self.args.num_draws else prefix.draws - prefix.draws % block
@@ -260,7 +271,8 @@ class Chain:
             sampler.track_norms = traced and k == interval - 1
             self._step(sampler, step)
             step += 1
-        eng.evaluator.evaluate(run.buffer[row], run.layout.mine)
+        fuse = self.fuses and draw < self.args.num_draws - 1  # a step follows
+        self._next = eng.evaluator.evaluate(run.buffer[row], run.layout.mine, eng.weights.params if fuse else None)
         self._record_coordinates(sampler, row)
         if traced:  # one write for the four step traces (rows of one tensor): distance, then the move norms
             distance = eng.weights.distance_from_anchor()
@@ -336,6 +348,12 @@ class Chain:
         eng.weights.load_masters_state(tensors)
         sampler.load_state_dict(_prefixed(tensors, "sampler."))
         eng.stream.load_state_dict(_prefixed(tensors, "stream."))
+        if NEXT_LOSS_KEY in tensors:
+            grads = _prefixed(tensors, "next.grad.")
+            self._next = (
+                tensors[NEXT_LOSS_KEY].to(eng.device),
+                [grads[str(i)].to(eng.device) for i in range(len(grads))],
+            )
         logger.info("Chain %d: resuming from its checkpoint at draw %d of %d.", self.chain, start, self.args.num_draws)
         return moments, start, step, None
 
@@ -351,6 +369,9 @@ class Chain:
             tensors.update(self._masters_state())
             tensors.update({f"sampler.{k}": v for k, v in sampler.state_dict().items()})
             tensors.update({f"stream.{k}": v for k, v in self._stream_state().items()})
+            if self._next is not None:  # the next step's gradient, so the resumed chain takes the same step
+                tensors[NEXT_LOSS_KEY] = self._next[0]
+                tensors.update({f"next.grad.{i}": g for i, g in enumerate(self._next[1])})
         meta = {"draws_done": draws_done, "steps_done": steps_done, "done": summary is not None, "summary": summary}
         eng.checkpoints.save(self.chain, tensors, meta)
 

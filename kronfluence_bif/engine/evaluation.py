@@ -19,9 +19,10 @@ import torch
 from torch import nn
 
 from kronfluence_bif.compiled import maybe_compiled
-from kronfluence_bif.data import EvalBatches
+from kronfluence_bif.data import EvalBatches, MinibatchStream
 from kronfluence_bif.distributed import WorkPlan, split_evenly
 from kronfluence_bif.engine.seeds import chain_seed
+from kronfluence_bif.logs import logger
 from kronfluence_bif.loss_views import PerExampleView
 
 # scored training examples whose mean loss is a chain's mean_train_loss trace (its health): all up to this many
@@ -123,6 +124,7 @@ class Evaluator:
         labels = ["train", "query"]
         self._views = [maybe_compiled(side.view, label, compile_views) for side, label in zip(self.sides, labels)]
         self._monitor_view = None if monitor is None else maybe_compiled(monitor.view, "monitor", compile_views)
+        self._fusable = True  # False once x's forwards failed to give a gradient (`_safe_train_gradient`)
 
     @property
     def sides(self) -> List[Side]:
@@ -133,12 +135,21 @@ class Evaluator:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
-    def evaluate(self, row: torch.Tensor, mine: Optional[set]) -> None:
+    def evaluate(
+        self, row: torch.Tensor, mine: Optional[set], gradient: Optional[Sequence[torch.Tensor]] = None
+    ) -> Optional[Tuple[torch.Tensor, List[torch.Tensor]]]:
         """Per-example values of both sides (only this process's batches when sharded), then of the monitor rows
-        (every process), into `row` [n_x + n_y + n_m]."""
-        offset = 0
+        (every process), into `row` [n_x + n_y + n_m]. With `gradient` (the sampled weights; only where
+        `fuses_gradient`), x's forwards also give the summed train loss and its gradient with respect to them, one
+        backward per batch: the next full-batch step's, without a forward of its own."""
+        offset, fused = 0, None
+        if gradient is not None and self._fusable:
+            fused = self._safe_train_gradient(row, list(gradient))
+            offset = 0 if fused is None else self.x.columns
         with torch.inference_mode(), self._autocast():
             for s, side in enumerate(self.sides):
+                if fused is not None and s == 0:
+                    continue
                 for b, batch in enumerate(side.batches):
                     size = min(side.batches.batch_size, side.size - b * side.batches.batch_size) * side.width
                     if mine is None or (s, b) in mine:
@@ -150,6 +161,57 @@ class Evaluator:
                     values = self._monitor_view(batch, self.model).reshape(-1)
                     row[offset : offset + values.numel()] = values
                     offset += values.numel()
+        return fused
+
+    def _safe_train_gradient(
+        self, row: torch.Tensor, params: List[torch.Tensor]
+    ) -> Optional[Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """`_train_gradient`, or None (logged, and never tried again) where the view does not differentiate: e.g. a
+        per-example view derived by vmap through a model that recomputes activations (torch.utils.checkpoint)."""
+        try:
+            return self._train_gradient(row, params)
+        except Exception as exc:  # noqa: BLE001 - the separate forward and backward of every other run remain
+            self._fusable = False
+            logger.info(
+                "The draws' train forwards do not give the step's gradient here (%s: %s); each step runs its own.",
+                type(exc).__name__,
+                str(exc).splitlines()[0][:160] if str(exc) else "",
+            )
+            return None
+
+    def _train_gradient(self, row: torch.Tensor, params: List[torch.Tensor]) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """x's values into `row`, and (their sum, its gradient w.r.t. `params`), accumulated a batch at a time."""
+        loss = torch.zeros((), dtype=torch.float32, device=self.device)
+        grads: Optional[List[torch.Tensor]] = None
+        offset = 0
+        with torch.enable_grad():
+            for batch in self.x.batches:
+                values = self.x.view(batch, self.model)
+                part = torch.autograd.grad(values.sum(), params)
+                grads = list(part) if grads is None else torch._foreach_add(grads, part)
+                flat = values.detach().reshape(-1)
+                row[offset : offset + flat.numel()] = flat
+                loss += flat.sum()
+                offset += flat.numel()
+        return loss, grads
+
+    def fuses_gradient(self, stream: MinibatchStream, mine: Optional[set]) -> bool:
+        """Whether x's forwards can give the step's gradient: a full-batch stream whose examples are exactly x's
+        (all of them, from the same cached source), one value per example, in full precision, all evaluated here
+        (no evaluation group), with the views eager (a compiled view runs under inference mode only)."""
+        batches = self.x.batches
+        return (
+            stream.batch_size >= stream.n
+            and batches.source is stream.source
+            and batches.size == stream.n
+            and (batches.indices is None or list(batches.indices) == list(range(stream.n)))
+            and self.x.width == 1
+            and self.amp_dtype is None
+            and mine is None
+            and self._views[0] is self.x.view
+            and getattr(self.x.view, "mode", None) in ("method", "vmap")  # not a Python loop over examples
+            and self._fusable
+        )
 
     def check_views(self, diagonal: bool) -> None:
         """The per-example contract on the first batch of each side, at w*, in full precision."""

@@ -47,9 +47,13 @@ class StepGradient:
         self._saved = [torch.empty_like(p) for p in weights.params] if control_variate else []
         self.anchor_loss: Optional[torch.Tensor] = None  # the last minibatch's summed loss at w* (control variate)
 
-    def __call__(self, batch: Any, batch_size: int) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    def __call__(
+        self, batch: Any, batch_size: int, given: Optional[Tuple[torch.Tensor, List[torch.Tensor]]] = None
+    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """`given`: the batch's (loss, gradient) at the current weights where the caller has them already (the
+        full batch, from the draw's evaluation: `Evaluator.evaluate(..., gradient=True)`)."""
         params = self.weights.params
-        loss, grads = self._gradient(batch)
+        loss, grads = self._gradient(batch) if given is None else given
         if not self.control_variate:
             return loss, grads
         with torch.no_grad():

@@ -278,6 +278,7 @@ class PilotChain(Chain):
             weights=copies(eng.weights.masters_state()),
             sampler=copies(sampler.state_dict()),
             stream=copies(eng.stream.state_dict()),
+            next_gradient=None if self._next is None else (self._next[0].clone(), [g.clone() for g in self._next[1]]),
         )
 
 

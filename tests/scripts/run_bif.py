@@ -79,9 +79,10 @@ def instrument(out: Path, rank: int, slow: float, hang_marker: str) -> None:
     if slow > 0:
         real_evaluate = Evaluator.evaluate
 
-        def evaluate(self, row, mine):
-            real_evaluate(self, row, mine)
+        def evaluate(self, row, mine, *rest):
+            result = real_evaluate(self, row, mine, *rest)
             time.sleep(slow)
+            return result
 
         Evaluator.evaluate = evaluate
 
@@ -90,11 +91,11 @@ def inject_failure(after: int) -> None:
     """This process alone fails mid-sampling (as an out-of-memory error on its own batches would)."""
     real_evaluate, calls = Evaluator.evaluate, [0]
 
-    def evaluate(self, row, mine):
+    def evaluate(self, row, mine, *rest):
         calls[0] += 1
         if calls[0] == after:
             raise RuntimeError("injected failure")
-        real_evaluate(self, row, mine)
+        return real_evaluate(self, row, mine, *rest)
 
     Evaluator.evaluate = evaluate
 
