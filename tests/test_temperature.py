@@ -231,3 +231,33 @@ def test_a_run_interrupted_after_the_pilot_resumes_bitwise(tmp_path, trained_mlp
     monkeypatch.setattr(CheckpointStore, "save", real)
     resumed, _ = _run(tmp_path / "run", model, task, train, query, BIFArguments(**common), "s")
     assert torch.equal(resumed, reference)
+
+
+def test_a_diverging_pilot_chain_stops_within_ten_steps(tmp_path, trained_mlp, small_data, monkeypatch, caplog):
+    """A rung whose chain's loss turns non-finite is rejected at the next check (every CHECK_EVERY steps), not after
+    its 60 steps: here the first pilot chain's losses are made non-finite from its 6th step on."""
+    from kronfluence_bif.engine.gradients import StepGradient
+
+    train, query = small_data
+    task = PlainRegressionTask()
+    model = prepare_model(trained_mlp, task)
+    monkeypatch.setattr(temperature, "SHARPNESS_LIMIT", math.inf)
+    calls, starts = [], []
+    real_step, real_pilot = StepGradient.__call__, temperature.PilotChain.pilot
+
+    def poisoned(self, batch, batch_size, given=None):
+        loss, grads = real_step(self, batch, batch_size, given)
+        calls.append(None)
+        return (loss * math.nan if len(starts) == 1 and len(calls) > 5 else loss), grads
+
+    def pilot(self):
+        starts.append((self.args.nbeta, len(calls)))
+        return real_pilot(self)
+
+    monkeypatch.setattr(StepGradient, "__call__", poisoned)
+    monkeypatch.setattr(temperature.PilotChain, "pilot", pilot)
+    with caplog.at_level(logging.INFO, logger="kronfluence_bif"):
+        _run(tmp_path, model, task, train, query, BIFArguments(num_chains=2, num_draws=30), "diverging")
+    assert "Temperature pilot: nbeta 10000, localization 100: unstable (mean loss rise over w* inf" in caplog.text
+    ladder = SAMPLERS["subspace_sgld"].temperature_ladder
+    assert starts[0] == (ladder[0][0], 0) and starts[1] == (ladder[1][0], temperature.CHECK_EVERY)

@@ -17,8 +17,8 @@ at the chosen rung each chain continues from the pilot's last draw (`chain.Chain
 steps, with bitwise the moments it would have had: the pilot costs only the rungs it rejects. Each process pilots
 its own chains and the verdicts are gathered, so every process (and a resumed run) takes the same rung. Its cost:
 up to burn-in + PILOT_STEPS gradient steps per chain and rejected rung, once per run (an unstable chain stops the
-rung); the chosen rung's steps are the run's. Chains in lockstep, and prefixes beyond `PREFIX_BUDGET` bytes, start
-over from w*: the same chain again.
+rung, a non-finite loss within CHECK_EVERY steps); the chosen rung's steps are the run's. Chains in lockstep, and
+prefixes beyond `PREFIX_BUDGET` bytes, start over from w*: the same chain again.
 """
 
 from __future__ import annotations
@@ -46,6 +46,11 @@ PILOT_STEPS = 40  # steps after the burn-in; the rise is measured over the secon
 RISE_RATIO = 4.0  # a rise above this many equilibrium rises is a chain leaving the quadratic basin
 STEP_MARGIN = 0.9  # a too-sharp fallback's step: this fraction of the largest step its sharpness allows
 PREFIX_BUDGET = 1 << 30  # bytes of chain prefixes a process keeps (weights, sampler state, evaluated rows)
+CHECK_EVERY = 10  # a pilot chain's losses are checked for non-finite values every this many steps (one host sync)
+
+
+class _NotFinite(Exception):
+    """A pilot chain's loss is not finite: the rung is unstable, no need to run the chain's other steps."""
 
 
 @dataclass
@@ -225,6 +230,7 @@ class PilotChain(Chain):
             self.coordinates = self.coordinates.new_empty(self.draws, self.coordinates.shape[1])
         eng.stream.reset(stream_generator(args.seed, self.chain, args.antithetic_chains))
         limit = RISE_RATIO * sampler.equilibrium_rise()
+        sharpness = raw = None
         try:
             for step in range(args.num_burnin_steps):
                 self._step(sampler, step)
@@ -238,6 +244,8 @@ class PilotChain(Chain):
             for draw in range(self.draws):
                 step = self._draw(sampler, step, draw, draw)
             prefixes = {self.chain: self._prefix(sampler, steps)} if self.keep else {}
+        except _NotFinite:
+            return Outcome(Verdict(math.inf, limit, sharpness), sharpness=raw)
         finally:
             eng.weights.reset()
         return Outcome(Verdict(self._rise(steps), limit, sharpness), prefixes, raw)
@@ -248,9 +256,15 @@ class PilotChain(Chain):
         return probe_sharpness(eng.model, eng.views, eng.weights, eng.stream, self.args, sampler.apply_root, 0.0)
 
     def _step(self, sampler: Sampler, index: int) -> None:
+        """The chain's step, its loss at w* kept (control variate), and every CHECK_EVERY steps its losses checked:
+        a chain whose loss is no longer finite stops there (a diverging rung costs about 10 steps, not 60)."""
         super()._step(sampler, index)
         if self.engine.gradient.anchor_loss is not None:
             self.anchor_losses[index] = self.engine.gradient.anchor_loss
+        if (index + 1) % CHECK_EVERY == 0:
+            recent = self.run_state.step_losses[index + 1 - CHECK_EVERY : index + 1]
+            if not bool(torch.isfinite(recent).all()):
+                raise _NotFinite
 
     def _rise(self, steps: int) -> float:
         """The mean loss rise over w* in the second half (inf where a loss is not finite, NaN: not measurable)."""
