@@ -205,12 +205,16 @@ def test_two_processes_equal_one_with_the_defaults(one_process, two_processes):
 @pytest.mark.slow  # two more launches; the sharded evaluation itself runs by default (rmsprop_sgld, just below)
 def test_three_processes_two_chains_with_the_defaults(data_dir, tmp_path):
     """The defaults (subspace-SGLD with the linear control variate) in evaluation groups: each member's secants at
-    w* are exchanged like its draws, so 3 processes x 2 chains give the scores of 1 process x 2 chains."""
+    w* are exchanged like its draws, so 3 processes x 2 chains give the scores of 1 process x 2 chains. Not to 1e-5
+    as the other layouts: one process takes each full-batch step's gradient from its draw's forwards, summed over
+    the evaluation batches, while a group member (whose evaluation is sharded) runs one full-batch forward for it;
+    the two gradients differ by float32 summation order (~1e-7 relative), which the chains carry along their steps
+    (1.5e-5 measured)."""
     one = run_layouts(1, data_dir, tmp_path / "one", {"d": ["--chains", "2", "--defaults"]})
     log = run(3, data_dir, tmp_path / "three" / "d", "--chains", "2", "--defaults")
     assert "linear_control_variate: the values' linear part" in log
     for kind in SCORE_DIRS:
-        assert max_rel_diff(scores(tmp_path / "three" / "d", kind), scores(one / "d", kind)) < 1e-5
+        assert max_rel_diff(scores(tmp_path / "three" / "d", kind), scores(one / "d", kind)) < 1e-4
 
 
 def test_two_processes_on_a_model_with_nothing_tracked(reference, two_processes):
