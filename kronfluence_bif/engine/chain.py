@@ -213,6 +213,7 @@ class Chain:
         sampler.load_state_dict(prefix.sampler)
         eng.stream.load_state_dict(prefix.stream)
         self._next = prefix.next_gradient
+        run.guard.checked_steps = 0  # this chain's steps, not the previous chain's
         run.step_losses[: prefix.steps] = prefix.step_losses
         run.step_traces[:, self.chain, : prefix.draws] = prefix.step_traces
         whole = prefix.draws if prefix.draws == self.args.num_draws else prefix.draws - prefix.draws % block
