@@ -98,9 +98,9 @@ def _finite(gram: torch.Tensor) -> torch.Tensor:
     return gram
 
 
-# float64 products of [k, p] matrices, a block of columns at a time: a whole float64 copy of a [256, 34k] basis is a
-# fresh 70 MB allocation, which the allocator maps anew each time (page faults: about 0.1 s per copy on the demo UCI
-# MLP, against 0.01 s for the product itself); a block of a few MB is reused
+# float64 products of [k, p] matrices, a block of columns at a time, without whole float64 copies of the operands:
+# for two [256, 34k] float32 matrices (the demo UCI MLP's sketch, one thread) the Gram takes 121 ms this way against
+# 295 ms through two float64 copies, the rotation 125 ms against 177 ms
 _BLOCK_BYTES = 4 << 20
 
 

@@ -180,3 +180,17 @@ def check_pinned(key: str, value: torch.Tensor) -> None:
     else:
         scale = expected.double().abs().max().clamp_min(1e-30)
         assert float((value.double() - expected.double()).abs().max() / scale) < 1e-4, key
+
+
+def record_step_gradients(monkeypatch) -> list:
+    """Patch the chains' `StepGradient`: per step, True where its gradient came from the last draw's forwards."""
+    from kronfluence_bif.engine.gradients import StepGradient
+
+    calls, real = [], StepGradient.__call__
+
+    def recorded(self, batch, batch_size, given=None):
+        calls.append(given is not None)
+        return real(self, batch, batch_size, given)
+
+    monkeypatch.setattr(StepGradient, "__call__", recorded)
+    return calls

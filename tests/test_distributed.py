@@ -209,12 +209,12 @@ def test_three_processes_two_chains_with_the_defaults(data_dir, tmp_path):
     as the other layouts: one process takes each full-batch step's gradient from its draw's forwards, summed over
     the evaluation batches, while a group member (whose evaluation is sharded) runs one full-batch forward for it;
     the two gradients differ by float32 summation order (~1e-7 relative), which the chains carry along their steps
-    (1.5e-5 measured)."""
+    (1.45e-5 measured)."""
     one = run_layouts(1, data_dir, tmp_path / "one", {"d": ["--chains", "2", "--defaults"]})
     log = run(3, data_dir, tmp_path / "three" / "d", "--chains", "2", "--defaults")
     assert "linear_control_variate: the values' linear part" in log
     for kind in SCORE_DIRS:
-        assert max_rel_diff(scores(tmp_path / "three" / "d", kind), scores(one / "d", kind)) < 1e-4
+        assert max_rel_diff(scores(tmp_path / "three" / "d", kind), scores(one / "d", kind)) < 5e-5
 
 
 def test_two_processes_on_a_model_with_nothing_tracked(reference, two_processes):

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import PlainRegressionTask, assert_bitwise_equal, state_copy
+from conftest import PlainRegressionTask, assert_bitwise_equal, record_step_gradients, state_copy
 
 from kronfluence_bif import Analyzer, BIFArguments, prepare_model
 from kronfluence_bif.engine import temperature
@@ -162,20 +162,6 @@ def test_column_blocks_pilot_once_and_sample_the_same_chains(tmp_path, trained_m
     torch.testing.assert_close(blocked, whole, rtol=1e-5, atol=1e-7 * float(whole.abs().max()))
 
 
-def _count_steps(monkeypatch) -> list:
-    """Every chain step's gradient call (pilot and run), counted."""
-    from kronfluence_bif.engine.gradients import StepGradient
-
-    calls, real = [], StepGradient.__call__
-
-    def counted(self, batch, batch_size, given=None):
-        calls.append(given is not None)  # True: the gradient came from the last draw's forwards
-        return real(self, batch, batch_size, given)
-
-    monkeypatch.setattr(StepGradient, "__call__", counted)
-    return calls
-
-
 def test_the_chosen_rungs_chains_continue_from_the_pilot(tmp_path, trained_mlp, small_data, monkeypatch):
     """At the chosen rung the run continues each chain from the pilot's last draw (40 of 50 here: two blocks of 16
     flushed, 8 rows carried into the third; a checkpoint due in the prefix is skipped) instead of repeating its
@@ -188,7 +174,7 @@ def test_the_chosen_rungs_chains_continue_from_the_pilot(tmp_path, trained_mlp, 
     monkeypatch.setattr(temperature, "SHARPNESS_LIMIT", math.inf)
     common = dict(num_chains=2, num_draws=50, draws_per_block=16, checkpoint_interval=20)
     burn_in = SAMPLERS["subspace_sgld"].defaults["num_burnin_steps"]
-    steps = _count_steps(monkeypatch)
+    steps = record_step_gradients(monkeypatch)
     piloted, _ = _run(tmp_path, model, task, train, query, BIFArguments(**common), "piloted")
     assert len(steps) == 2 * (burn_in + 50)  # no step twice
     assert sum(steps) == 2 * 49  # full batch: every step after a draw but the last takes the draw's gradient

@@ -71,6 +71,8 @@ class RunState:
     sharpness: Optional[float] = None  # after the first chain's burn-in (diagnostics)
     span: Optional[LinearSpan] = None  # the chains' span, where the linear control variate applies (first chain)
     prefixes: Dict[int, ChainPrefix] = field(default_factory=dict)  # chains' first draws, run by the pilot
+    # a full-batch step's gradient comes from the draw's forwards of every training example (`fuses_gradient`)
+    fused_gradient: bool = False
 
 
 @dataclass
@@ -112,10 +114,6 @@ class Chain:
         self.failure: Optional[BaseException] = None
         # [draws_per_block, k]: the block's span coordinates, for the linear control variate (`_track_span`)
         self.coordinates: Optional[torch.Tensor] = None
-        # a full-batch step's gradient comes from the draw's forwards of every training example (the same weights)
-        self.fuses = not engine.gradient.control_variate and engine.evaluator.fuses_gradient(
-            engine.stream, run.layout.mine
-        )
         self._next: Optional[Gradient] = None  # the next step's (loss, gradient), from the last draw's forwards
 
     def run(self) -> Tuple[CrossMoments, Dict[str, Any]]:
@@ -216,11 +214,10 @@ class Chain:
         run.guard.checked_steps = 0  # this chain's steps, not the previous chain's
         run.step_losses[: prefix.steps] = prefix.step_losses
         run.step_traces[:, self.chain, : prefix.draws] = prefix.step_traces
-        whole = prefix.draws if prefix.draws == self.args.num_draws else prefix.draws - prefix.draws % block
         for first in range(0, prefix.draws, block):
             rows = min(block, prefix.draws - first)
             self._refill(prefix, first, rows)
-            if first + rows > whole:
+            if rows < block and prefix.draws < self.args.num_draws:  # a partial block: the chain's draws fill it
                 return prefix.draws, prefix.steps, rows
             steps = self.args.num_burnin_steps + (first + rows) * self.args.draw_interval
             self._end_block(moments, rows, first, steps, None)  # no checkpoint: the sampler is at the prefix's end
@@ -272,7 +269,7 @@ class Chain:
             sampler.track_norms = traced and k == interval - 1
             self._step(sampler, step)
             step += 1
-        fuse = self.fuses and draw < self.args.num_draws - 1  # a step follows
+        fuse = run.fused_gradient and draw < self.args.num_draws - 1  # a step follows
         self._next = eng.evaluator.evaluate(run.buffer[row], run.layout.mine, eng.weights.params if fuse else None)
         self._record_coordinates(sampler, row)
         if traced:  # one write for the four step traces (rows of one tensor): distance, then the move norms

@@ -6,8 +6,9 @@ all-reduce of the sums (each chain counted once, by the leader of its evaluation
 module with exactly w*, whatever happens (the caller's `SampledWeights` restores it).
 
 The seams: a chain asks its `Sampler` (`kronfluence_bif.samplers`, chosen by name from the registry, never
-branched on here) to step and the `Evaluator` to fill a buffer row; `lockstep.run_chains` decides which chains
-advance together (`lockstep.Lockstep`, batched over chains) and which alone (`Chain`), with the same `RunState`.
+branched on here) to step and the `Evaluator` to fill a buffer row; `lockstep.lockstep_plan` decides which chains
+advance together (`lockstep.Lockstep`, batched over chains) and which alone (`Chain`), with the same `RunState`,
+before the temperature pilot (`engine/temperature.py`), whose chains become the lone chains' first draws.
 """
 
 from __future__ import annotations
@@ -212,6 +213,7 @@ class SamplingEngine:
             guard=guard,
             bar=bar,
             bar_scale=int(scale) if scale.is_integer() else scale,  # "32/1600", not "32.0/1600"
+            fused_gradient=not self.gradient.control_variate and self.evaluator.fuses_gradient(self.stream, lay.mine),
         )
 
     def _agreed_span(self, total: CrossMoments, run: RunState) -> Optional[LinearSpan]:

@@ -210,7 +210,6 @@ class Evaluator:
             and mine is None
             and self._views[0] is self.x.view
             and getattr(self.x.view, "mode", None) in ("method", "vmap")  # not a Python loop over examples
-            and self._fusable
         )
 
     def check_views(self, diagonal: bool) -> None:

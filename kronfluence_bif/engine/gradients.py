@@ -51,7 +51,7 @@ class StepGradient:
         self, batch: Any, batch_size: int, given: Optional[Tuple[torch.Tensor, List[torch.Tensor]]] = None
     ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """`given`: the batch's (loss, gradient) at the current weights where the caller has them already (the
-        full batch, from the draw's evaluation: `Evaluator.evaluate(..., gradient=True)`)."""
+        full batch, from the draw's evaluation: `Evaluator.evaluate(..., gradient=params)`)."""
         params = self.weights.params
         loss, grads = self._gradient(batch) if given is None else given
         if not self.control_variate:

@@ -217,8 +217,7 @@ class PilotChain(Chain):
         )
         super().__init__(engine, own, chain, args)
         self.probe, self.keep, self.probe_only = probe, keep, probe_only
-        device = run.buffer.device
-        self.anchor_losses = torch.full_like(own.step_losses, math.nan, dtype=torch.float64, device=device)
+        self.anchor_losses = torch.full_like(own.step_losses, math.nan, dtype=torch.float64)
 
     def pilot(self) -> Outcome:
         eng, args = self.engine, self.args
